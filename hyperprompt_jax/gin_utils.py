@@ -1,0 +1,126 @@
+"""gin plumbing shared by the entry points: search paths, parsing, clear errors.
+
+gin files are looked up by relative name (`quickstart.gin`, `models/t5_1_1_base.gin`)
+first in the current directory, then in directories from `--gin_search_paths`, then
+in the installed `hyperprompt_jax/gin` package, so the same command works from any
+directory after `pip install`. Files use `from __gin__ import dynamic_registration`
+(t5x's convention), so any importable callable is configurable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import gin
+
+PACKAGE_GIN_DIR = os.path.dirname(os.path.abspath(__import__("hyperprompt_jax.gin").gin.__file__))
+
+
+def search_paths(extra: Iterable[str] = ()) -> list[str]:
+    """Directories searched for gin files, in order."""
+    paths = [os.getcwd(), *[os.path.abspath(p) for p in extra], PACKAGE_GIN_DIR]
+    seen, out = set(), []
+    for p in paths:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _available_gin_files() -> list[str]:
+    names = []
+    for root, _, files in os.walk(PACKAGE_GIN_DIR):
+        for f in files:
+            if f.endswith(".gin"):
+                names.append(os.path.relpath(os.path.join(root, f), PACKAGE_GIN_DIR))
+    return sorted(names)
+
+
+def parse_gin(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str] = (),
+    extra_search_paths: Iterable[str] = (),
+    finalize: bool = True,
+) -> None:
+    """Parses gin files (by relative name) and `NAME=VALUE` bindings.
+
+    Raises:
+      ValueError: a gin file that is not found (with close names), malformed gin, or
+        a binding of an unknown configurable/parameter (the message names it).
+    """
+    gin.clear_config()
+    paths = search_paths(extra_search_paths)
+    for p in paths:
+        gin.add_config_file_search_path(p)
+    for f in gin_files:
+        if not os.path.isabs(f) and not any(os.path.exists(os.path.join(p, f)) for p in paths):
+            close = difflib.get_close_matches(f, _available_gin_files(), n=5, cutoff=0.4)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"gin file {f!r} not found in {paths}.{hint}")
+        if os.path.isabs(f) and not os.path.exists(f):
+            raise ValueError(f"gin file {f!r} does not exist.")
+    try:
+        gin.parse_config_files_and_bindings(
+            list(gin_files), list(gin_bindings), finalize_config=finalize
+        )
+    except (ValueError, SyntaxError, KeyError, ImportError, TypeError) as e:
+        raise ValueError(f"Invalid gin configuration: {e}") from e
+
+
+def query_macro(name: str, default: Any = gin.REQUIRED) -> Any:
+    """Returns the value of gin macro `name` (e.g. 'MODEL_DIR').
+
+    A macro bound to `@fn()` is returned as a `gin.config.ConfigurableReference`;
+    use `instantiate` to call it.
+    """
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        if default is gin.REQUIRED:
+            raise ValueError(f"gin macro {name} is not set; add --gin.{name}=...") from None
+        return default
+
+
+def instantiate(value: Any) -> Any:
+    """Calls a `@configurable()` reference (as found in a macro) and returns the result."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn()
+    return value
+
+
+def configured(name: str, default: Optional[Any] = gin.REQUIRED) -> Any:
+    """`instantiate(query_macro(name))`: the object a macro like `MODEL` describes."""
+    return instantiate(query_macro(name, default))
+
+
+def flags_to_gin(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Splits t5x-style flags: `--gin_file=F` (repeatable), `--gin.NAME=VALUE`,
+    `--gin_search_paths=a,b`. Returns (files, bindings, search paths).
+
+    Raises:
+      ValueError: for any other flag (named in the message).
+    """
+    files, bindings, paths = [], [], []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--gin_file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg == "--gin_file":
+            files.append(next(it))
+        elif arg.startswith("--gin_search_paths="):
+            paths.extend(p for p in arg.split("=", 1)[1].split(",") if p)
+        elif arg.startswith("--gin."):
+            binding = arg[len("--gin.") :]
+            if "=" not in binding:
+                raise ValueError(f"Malformed binding {arg!r}; expected --gin.NAME=VALUE.")
+            bindings.append(binding)
+        elif arg.startswith("--gin_bindings="):
+            bindings.append(arg.split("=", 1)[1])
+        else:
+            raise ValueError(
+                f"Unknown flag {arg!r}; expected --gin_file=F, --gin.NAME=VALUE or "
+                "--gin_search_paths=DIRS."
+            )
+    return files, bindings, paths
