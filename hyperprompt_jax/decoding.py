@@ -183,9 +183,7 @@ def cache_gather_beams(cache: PyTree, beam_indices: jax.Array, old_beam_size: in
 
 def _like_container(reference: PyTree, new: PyTree) -> PyTree:
     """Makes `new` the same dict/FrozenDict flavour as `reference` (lax loops need it)."""
-    if isinstance(reference, flax.core.FrozenDict) and not isinstance(
-        new, flax.core.FrozenDict
-    ):
+    if isinstance(reference, flax.core.FrozenDict) and not isinstance(new, flax.core.FrozenDict):
         return flax.core.freeze(new)
     if isinstance(reference, dict) and isinstance(new, flax.core.FrozenDict):
         return flax.core.unfreeze(new)
@@ -388,8 +386,7 @@ def temperature_sample(
     if max_decode_steps is not None and _is_static(max_decode_steps):
         if int(max_decode_steps) > length or int(max_decode_steps) < 1:
             raise ValueError(
-                f"max_decode_steps must be in [1, inputs length {length}]; "
-                f"got {max_decode_steps}."
+                f"max_decode_steps must be in [1, inputs length {length}]; got {max_decode_steps}."
             )
     temperature = jnp.asarray(temperature, jnp.float32)
     if temperature.ndim == 1:

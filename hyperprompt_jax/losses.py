@@ -202,8 +202,7 @@ def convert_loss_normalizing_factor(name: str) -> LossNormalizingFactor:
     except KeyError:
         valid = ", ".join(member.name for member in LossNormalizingFactor)
         raise ValueError(
-            f"Unknown loss_normalizing_factor {name!r}; expected a number, None or one of: "
-            f"{valid}."
+            f"Unknown loss_normalizing_factor {name!r}; expected a number, None or one of: {valid}."
         ) from None
 
 
@@ -281,9 +280,7 @@ def get_loss_normalizing_factor_and_weights(
         else:
             per_sequence = jnp.sum(loss_weights, axis=-1, keepdims=True)
         # Sequences without a real token (0 / 0) get weight 0, as in t5x.
-        loss_weights = jnp.nan_to_num(
-            loss_weights / per_sequence, nan=0.0, posinf=0.0, neginf=0.0
-        )
+        loss_weights = jnp.nan_to_num(loss_weights / per_sequence, nan=0.0, posinf=0.0, neginf=0.0)
         factor = jnp.sum(loss_weights)
     elif loss_normalizing_factor is LossNormalizingFactor.NUMBER_OF_EXAMPLES:
         if segment_ids is not None:
