@@ -21,6 +21,7 @@ setuptools.setup(
         "hyperprompt_jax.tasks": "tasks",
         "hyperprompt_jax.gin": "gin",
     },
+    # `gin/` is deliberately not a regular package (see gin_utils._package_gin_dir).
     package_data={"hyperprompt_jax.gin": ["*.gin", "**/*.gin"]},
     include_package_data=True,
     install_requires=[

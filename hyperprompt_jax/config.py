@@ -146,8 +146,9 @@ def _from_table(table: dict, family: str, size: str, overrides: dict) -> T5Confi
         num_encoder_layers=layers,
         num_decoder_layers=layers,
         dropout_rate=0.0,
-        **spec,
     )
+    # A size may override the defaults above (T5 v1.0 3B / 11B use head_dim 128).
+    fields.update(spec)
     fields.update(overrides)
     return T5Config(**fields)
 

@@ -15,7 +15,27 @@ from typing import Any, Iterable, Optional, Sequence
 
 import gin
 
-PACKAGE_GIN_DIR = os.path.dirname(os.path.abspath(__import__("hyperprompt_jax.gin").gin.__file__))
+
+
+def _package_gin_dir() -> str:
+    """The folder of the shipped gin files.
+
+    `gin/` has no `__init__.py` on purpose: a regular package named `gin` at the
+    repository root would shadow the gin-config package for any command run from
+    there. A wheel installs the files as `hyperprompt_jax/gin/`; an editable install
+    (and a plain checkout) keeps them in the top-level `gin/` beside the package.
+    """
+    package_dir = os.path.dirname(os.path.abspath(__import__("hyperprompt_jax").__file__))
+    for candidate in (
+        os.path.join(package_dir, "gin"),
+        os.path.join(os.path.dirname(package_dir), "gin"),
+    ):
+        if os.path.isdir(os.path.join(candidate, "models")):
+            return candidate
+    raise RuntimeError(f"hyperprompt-jax's gin files are missing next to {package_dir}; reinstall.")
+
+
+PACKAGE_GIN_DIR = _package_gin_dir()
 
 
 def search_paths(extra: Iterable[str] = ()) -> list[str]:
