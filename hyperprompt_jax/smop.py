@@ -1,0 +1,288 @@
+"""SMoP: a sparse mixture of short soft prompts chosen per example by a linear router.
+
+Choi et al., 2023, "SMoP: Towards Efficient and Effective Prompt Tuning with Sparse
+Mixture-of-Prompts" (EMNLP). `SMoP` is the network's input hook: it holds `k` prompts
+of length `l` (`prompt/prompts [k, l, emb_dim]`) and a bias-free linear router
+(`prompt/router/kernel [emb_dim, k]`, orthogonal init). For each example the router
+reads the masked mean of the input embeddings, a softmax gives the prompt
+probabilities, and the top-1 prompt, scaled by its probability, is prepended to the
+inputs (mask extended by `l` always-valid positions). Trainable parameters:
+`k*l*d + d*k` (T5-large, 4 x 5: 20,480 + 4,096 = 24,576).
+
+Routing is a `Routing` callable chosen by gin; the variants of the paper's routing
+ablation are here, following the authors' code (jyjohnchoi/SMoP,
+`peft_models/tuners/prompt_routing.py`) where the paper leaves a detail open:
+
+* `TopK(k=1, noise=GaussianNoise(1.0))` (default, the paper's SMoP): router
+  perturbation in training only, `logits + sigma * eps * stop_gradient(logits)`,
+  `eps ~ N(0, 1)`: multiplicative Gaussian noise whose scale is not differentiated,
+  as the authors' `GaussianNoise` (`is_relative_detach=True`; their code multiplies by
+  sigma twice, identical for the paper's sigma = 1). No noise at evaluation.
+* `TopK(noise=None)`: no perturbation. `TopK(noise=LogitDropout(0.2))`: dropout on the
+  router logits (the authors' non-perturbed router uses `Dropout(p=0.2)`).
+* `TopK(k>1)`: the top-k prompts, each scaled by its probability, summed (no
+  renormalisation, as the authors' `topk` branch).
+* `Dense()`: every prompt weighted by its probability.
+* `RandomRouting()`: training picks a uniformly random prompt (weight 1); evaluation
+  uses the mean of all prompts (the authors' "stochastic" routing).
+* `Gumbel(temperature)`: hard Gumbel-softmax in training (straight-through: forward
+  one-hot, gradient through the soft probabilities); evaluation is noise-free argmax.
+  (The authors' code also adds Gumbel noise at evaluation; we keep evaluation
+  deterministic, as the issue asks of every variant.)
+
+The routing noise draws from the `'dropout'` RNG stream, which every training step
+already provides. The auxiliary load-balancing loss found in the authors' code is not
+used: the paper's balance comes from the router perturbation.
+
+Router statistics are sown into the `'intermediates'` collection on every call
+(retrieve them with `mutable=['intermediates']`):
+
+* `router_probs` `[B, k]`: softmax probabilities (rows sum to 1).
+* `prompt_fraction` `[k]`: fraction of the batch's prompt selections that went to each
+  prompt (top-1: fraction of examples per prompt; dense: weighted by probability).
+* `mean_max_prob` `[]`: batch mean of the largest router probability.
+
+Logical axes: prompts `('prompt_experts', 'prompt', 'prompt_embed')` and router
+`('prompt_embed', 'prompt_experts')`; all replicated (tens of thousands of floats; a
+replicated router needs no collective for its matmul).
+
+Shapes: B batch, L input length, K number of prompts, P prompt length, E emb_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from hyperprompt_jax import layers, prompts
+
+Array = jax.Array
+PRNGKey = jax.Array
+
+
+# ----------------------------------------------------------------------------------------
+# Noise on router logits
+# ----------------------------------------------------------------------------------------
+
+
+class LogitNoise(Protocol):
+    """Training-time perturbation of router logits `[B, K]`."""
+
+    def __call__(self, logits: Array, rng: PRNGKey) -> Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianNoise:
+    """`logits + sigma * eps * stop_gradient(logits)`, `eps ~ N(0, 1)` (router perturbation)."""
+
+    sigma: float = 1.0
+
+    def __call__(self, logits, rng):
+        eps = jax.random.normal(rng, logits.shape, logits.dtype)
+        return logits + self.sigma * eps * jax.lax.stop_gradient(logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDropout:
+    """Inverted dropout on the router logits."""
+
+    rate: float = 0.2
+
+    def __post_init__(self):
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"LogitDropout rate must be in [0, 1), got {self.rate}.")
+
+    def __call__(self, logits, rng):
+        keep = jax.random.bernoulli(rng, 1.0 - self.rate, logits.shape)
+        return jnp.where(keep, logits / (1.0 - self.rate), 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------
+
+
+class Routing(Protocol):
+    """Router logits -> per-prompt weights and probabilities."""
+
+    def __call__(
+        self, logits: Array, *, deterministic: bool, rng: PRNGKey | None
+    ) -> Tuple[Array, Array]:
+        """`[B, K]` -> (weights `[B, K]` applied to the prompts, probabilities `[B, K]`).
+
+        `rng` is None when `deterministic` (evaluation): routing must then be noise-free.
+        """
+
+
+def _top_k_weights(probs: Array, k: int) -> Array:
+    """Keeps the `k` largest probabilities of each row (the rest 0)."""
+    values, index = jax.lax.top_k(probs, k)
+    return jnp.sum(jax.nn.one_hot(index, probs.shape[-1], dtype=probs.dtype) * values[..., None], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Softmax over (optionally perturbed) logits; the top-k prompts, scaled by probability."""
+
+    k: int = 1
+    noise: LogitNoise | None = GaussianNoise(1.0)
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"TopK.k must be a positive int, got {self.k!r}.")
+
+    def __call__(self, logits, *, deterministic, rng):
+        if self.k > logits.shape[-1]:
+            raise ValueError(f"TopK.k={self.k} exceeds the number of prompts {logits.shape[-1]}.")
+        if not deterministic and self.noise is not None:
+            logits = self.noise(logits, rng)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return _top_k_weights(probs, self.k), probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """All prompts, each weighted by its probability."""
+
+    noise: LogitNoise | None = None
+
+    def __call__(self, logits, *, deterministic, rng):
+        if not deterministic and self.noise is not None:
+            logits = self.noise(logits, rng)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return probs, probs
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRouting:
+    """Training: a uniformly random prompt (weight 1); evaluation: the mean of all prompts.
+
+    The router is not used for the choice (its probabilities are still reported).
+    """
+
+    def __call__(self, logits, *, deterministic, rng):
+        probs = jax.nn.softmax(logits, axis=-1)
+        num = logits.shape[-1]
+        if deterministic:
+            return jnp.full_like(probs, 1.0 / num), probs
+        choice = jax.random.randint(rng, logits.shape[:-1], 0, num)
+        return jax.nn.one_hot(choice, num, dtype=probs.dtype), probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Gumbel:
+    """Hard Gumbel-softmax (straight-through) in training; argmax at evaluation."""
+
+    temperature: float = 1.0
+
+    def __call__(self, logits, *, deterministic, rng):
+        probs = jax.nn.softmax(logits, axis=-1)
+        num = logits.shape[-1]
+        if deterministic:
+            return jax.nn.one_hot(jnp.argmax(logits, -1), num, dtype=probs.dtype), probs
+        gumbel = jax.random.gumbel(rng, logits.shape, logits.dtype)
+        soft = jax.nn.softmax((logits + gumbel) / self.temperature, axis=-1)
+        hard = jax.nn.one_hot(jnp.argmax(soft, -1), num, dtype=soft.dtype)
+        # Forward value: one-hot; gradient: that of the soft sample.
+        return hard + soft - jax.lax.stop_gradient(soft), probs
+
+
+# ----------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------
+
+
+def masked_mean(embedded_BLE: Array, mask_BL: Array) -> Array:
+    """Mean of the real (mask = 1) positions, `[B, L, E]` -> `[B, E]` (0 if none)."""
+    mask = mask_BL.astype(jnp.float32)[..., None]
+    total = jnp.sum(embedded_BLE.astype(jnp.float32) * mask, axis=1)
+    return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+class SMoP(nn.Module):
+    """Sparse mixture of prompts (input hook).
+
+    Attributes:
+      num_prompts: k (gin macro NUM_PROMPTS; 4 in the paper).
+      length: l, the length of each prompt (gin macro PROMPT_LENGTH; 5 in the paper).
+      routing: a `Routing` (default `TopK(1, GaussianNoise(1.0))`).
+      prompt_init: a `prompts.PromptInit` applied to the `[k, l, E]` prompts.
+      router_init: initialiser of the `[E, k]` router kernel (orthogonal).
+      combination: how the routed prompt meets the inputs (`prompts.Prefix`).
+      max_length: optional encoder length budget including the prompt.
+    """
+
+    num_prompts: int = 4
+    length: int = 5
+    routing: Routing = TopK()
+    prompt_init: prompts.PromptInit = prompts.Uniform(0.5)
+    router_init: layers.Initializer = nn.initializers.orthogonal()
+    combination: prompts.Combination = prompts.Prefix()
+    max_length: int | None = None
+
+    def __post_init__(self):
+        prompts.check_prompt_length(self.length, self.max_length)
+        if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        embedded_inputs: Array,
+        input_mask: Array,
+        *,
+        task_ids: Array | None = None,
+        deterministic: bool = True,
+        embedding_table: Array | None = None,
+    ) -> Tuple[Array, Array]:
+        """`[B, L, E]`, `[B, L]` -> `[B, l + L, E]`, `[B, l + L]`. `task_ids` are unused."""
+        del task_ids
+        prompts.check_embedded(embedded_inputs, input_mask)
+        _, length, emb_dim = embedded_inputs.shape
+        prompts.check_inputs_fit(length, self.length, self.max_length)
+        prompts_KPE = prompts.param_with_axes(
+            "prompts",
+            lambda rng, s: self.prompt_init(rng, s, embedding_table=embedding_table),
+            (self.num_prompts, self.length, emb_dim),
+            axes=("prompt_experts", "prompt", "prompt_embed"),
+        )
+        sentence_BE = masked_mean(embedded_inputs, input_mask)
+        # The router runs in float32 whatever the activation dtype: its softmax decides
+        # discrete choices.
+        logits_BK = layers.DenseGeneral(
+            self.num_prompts,
+            dtype=jnp.float32,
+            kernel_init=self.router_init,
+            kernel_axes=("prompt_embed", "prompt_experts"),
+            name="router",
+        )(sentence_BE)
+        rng = None if deterministic else self.make_rng("dropout")
+        weights_BK, probs_BK = self.routing(logits_BK, deterministic=deterministic, rng=rng)
+        prompt_BPE = jnp.einsum("bk,kpe->bpe", weights_BK, prompts_KPE)
+
+        self.sow("intermediates", "router_probs", probs_BK)
+        selections = (weights_BK != 0).astype(jnp.float32) if _is_sparse(self.routing) else probs_BK
+        self.sow(
+            "intermediates",
+            "prompt_fraction",
+            jnp.sum(selections, 0) / jnp.maximum(jnp.sum(selections), 1.0),
+        )
+        self.sow("intermediates", "mean_max_prob", jnp.mean(jnp.max(probs_BK, -1)))
+
+        embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
+        embedded = nn.with_logical_constraint(embedded, ("batch", "length", "embed"))
+        return embedded, mask
+
+    def extend_mask(self, input_mask: Array) -> Array:
+        """`[B, L]` -> `[B, l + L]`."""
+        return self.combination.extend_mask(input_mask, self.length)
+
+
+def _is_sparse(routing: Routing) -> bool:
+    """Whether the routing selects prompts (count selections) rather than mixing all."""
+    return not isinstance(routing, Dense)

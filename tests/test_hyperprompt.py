@@ -1,0 +1,204 @@
+"""HyperPrompt: per-layer hyper-prompts, per-example tasks, parameter counts, bad input.
+
+Invariants: each stack gets one `(key, value)` pair `[batch, l, heads, head_dim]` per
+self-attention layer; a mixed-task batch equals the same examples run task by task
+(every variant); every HyperPrompt parameter receives gradient; the backbone's tree is
+exactly the base model's (checkpoints load unchanged); the closed-form parameter count
+matches the module; bad task ids raise (eagerly) or poison only their own example with
+NaN (under jit). Numerics against NumPy / Hugging Face: `test_methods_hf.py`.
+
+Note on "zero prompts equal the base model": for key/value prefixes that cannot hold.
+A zero key prefix still receives softmax weight `exp(q . 0) = 1` per position, so zero
+hyper-prompts shrink every self-attention output by `Z / (Z + l)` rather than vanish
+(a prefix can only vanish with keys whose logits are -inf for every query). We check
+instead that zeroed up-projections generate exactly-zero prefixes and that these still
+change the network's output (the attention math with prefixes is checked against
+NumPy and Hugging Face in `test_methods_hf.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hyperprompt_jax import hyperprompt, network, trainable
+from hyperprompt_jax.config import T5Config
+
+CONFIG = T5Config(
+    vocab_size=48,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=6,
+    mlp_dim=24,
+    num_encoder_layers=2,
+    num_decoder_layers=3,
+    mlp_activations=("gelu", "linear"),
+    dropout_rate=0.0,
+)
+T, P, B_DIM = 3, 2, 4
+GLOBAL_DIMS = dict(task_embed_dim=5, projector_hidden_dim=6, layer_task_embed_dim=7)
+KEY = jax.random.PRNGKey(0)
+ENC = np.array(
+    [[5, 6, 7, 8, 0], [9, 10, 11, 12, 13], [15, 16, 0, 0, 0], [17, 18, 19, 0, 0]], np.int32
+)
+DEC = np.array([[0, 3, 4], [0, 5, 6], [0, 7, 8], [0, 9, 10]], np.int32)
+TGT = np.array([[3, 4, 2], [5, 6, 2], [7, 8, 2], [9, 10, 2]], np.int32)
+IDS = np.array([2, 0, 1, 2], np.int32)
+
+
+def _hook(variant: str) -> hyperprompt.HyperPrompt:
+    dims = GLOBAL_DIMS if variant == "global" else {}
+    return hyperprompt.HyperPrompt(
+        num_tasks=T, prompt_length=P, bottleneck_dim=B_DIM, variant=variant, **dims
+    )
+
+
+@functools.cache
+def _model(variant: str):
+    """(module, variables, run): `run(params, task_ids) -> (logits, gradients)` on the
+    fixed batch, jitted once per variant (every test below reuses that compilation)."""
+    module = network.Transformer(CONFIG, hyperprompt=_hook(variant))
+    variables = module.init(
+        {"params": KEY, "dropout": KEY}, ENC, DEC, TGT, task_ids=IDS, enable_dropout=False
+    )
+
+    def loss(params, ids):
+        logits = module.apply({"params": params}, ENC, DEC, TGT, task_ids=ids, enable_dropout=False)
+        log_probs = jax.nn.log_softmax(logits) * jax.nn.one_hot(TGT, CONFIG.vocab_size)
+        return jnp.sum(log_probs), logits
+
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+    return module, variables, lambda params, ids: grad_fn(params, ids)[::-1]
+
+
+def _forward(variant, params, ids):
+    return np.asarray(_model(variant)[2](params, ids)[0])
+
+
+@pytest.mark.parametrize("variant", hyperprompt.VARIANTS)
+def test_prefix_shapes_per_layer(variant):
+    hook = _hook(variant)
+    params = _model(variant)[1]["params"]["hyperprompt"]
+    for stack, layers in (("encoder", 2), ("decoder", 3)):
+        prefixes = hook.apply({"params": params}, IDS, config=CONFIG, stack=stack, batch_size=4)
+        assert len(prefixes) == layers
+        for key, value in prefixes:
+            assert key.shape == value.shape == (4, P, CONFIG.num_heads, CONFIG.head_dim)
+            assert np.abs(np.asarray(key) - np.asarray(value)).max() > 0  # separate nets
+
+
+@pytest.mark.parametrize("variant", hyperprompt.VARIANTS)
+def test_mixed_task_batch_equals_task_by_task(variant):
+    params = _model(variant)[1]["params"]
+    mixed = _forward(variant, params, IDS)
+    for task in range(T):
+        # The whole batch run as task `task` (same shapes: one compilation).
+        alone = _forward(variant, params, np.full_like(IDS, task))
+        rows = IDS == task
+        np.testing.assert_allclose(mixed[rows], alone[rows], atol=1e-5)
+        assert np.abs(mixed[~rows] - alone[~rows]).max() > 1e-4  # the task matters
+
+
+@pytest.mark.parametrize("variant", hyperprompt.VARIANTS)
+def test_every_hyperprompt_parameter_gets_gradient(variant):
+    _, variables, run = _model(variant)
+    _, grads = run(variables["params"], IDS)
+    for path, g in trainable.param_paths(grads["hyperprompt"]).items():
+        g = np.asarray(g)
+        if variant == "sep" and g.ndim == 4:
+            # Per-task HyperNetworks: every task present in the batch gets gradient.
+            assert all(np.abs(g[t]).max() > 0 for t in set(IDS.tolist())), path
+        else:
+            assert np.abs(g).max() > 0, path
+
+
+@pytest.mark.parametrize("variant", hyperprompt.VARIANTS)
+def test_backbone_tree_is_the_base_models_and_count_matches_formula(variant):
+    _, variables, _ = _model(variant)
+    params = variables["params"]
+    base = jax.eval_shape(
+        lambda: network.Transformer(CONFIG).init(
+            {"params": KEY, "dropout": KEY}, ENC, DEC, TGT, enable_dropout=False
+        )["params"]
+    )
+    backbone = {k: v for k, v in params.items() if k != "hyperprompt"}
+    assert jax.tree.map(np.shape, backbone) == jax.tree.map(np.shape, dict(base))
+    added = sum(np.size(x) for x in jax.tree.leaves(params["hyperprompt"]))
+    expected = hyperprompt.added_parameters(
+        CONFIG, variant, T, P, B_DIM, **(GLOBAL_DIMS if variant == "global" else {})
+    )
+    assert added == expected
+    # Tuning only HyperPrompt's own parameters selects exactly those.
+    assert trainable.count(params, ["hyperprompt/.*"])[0] == added
+    # Every HyperPrompt parameter has logical axes (all replicated by partitioning.py).
+    axes = trainable.param_paths(variables["params_axes"]["hyperprompt"])
+    assert len(axes) == len(trainable.param_paths(params["hyperprompt"]))
+
+
+def test_zero_up_projection_gives_zero_prefixes():
+    module, variables, _ = _model("share")
+    params = jax.tree.map(lambda x: x, variables["params"])
+    for stack in ("encoder", "decoder"):
+        for kind in ("key", "value"):
+            name = f"{kind}_up"
+            params["hyperprompt"][stack][name] = jnp.zeros_like(params["hyperprompt"][stack][name])
+    hook = _hook("share")
+    for stack in ("encoder", "decoder"):
+        prefixes = hook.apply(
+            {"params": params["hyperprompt"]}, IDS, config=CONFIG, stack=stack, batch_size=4
+        )
+        for key, value in prefixes:
+            np.testing.assert_array_equal(key, 0.0)
+            np.testing.assert_array_equal(value, 0.0)
+    # ... which do not vanish: the network differs from the base model.
+    base = network.Transformer(CONFIG)
+    backbone = {k: v for k, v in params.items() if k != "hyperprompt"}
+    ours = _forward("share", params, IDS)
+    theirs = np.asarray(base.apply({"params": backbone}, ENC, DEC, TGT, enable_dropout=False))
+    assert np.abs(ours - theirs).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------
+
+
+def test_bad_task_ids_raise():
+    module, variables, _ = _model("sep")
+    apply = functools.partial(module.apply, variables, ENC, DEC, TGT, enable_dropout=False)
+    with pytest.raises(ValueError, match=r"\[3\].*NUM_TASKS=3"):
+        apply(task_ids=np.array([0, 3, 1, 2], np.int32))
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        apply(task_ids=np.array([0, -1, 1, 2], np.int32))
+    with pytest.raises(ValueError, match="needs task_ids"):
+        apply(task_ids=None)
+    with pytest.raises(ValueError, match="integers"):
+        apply(task_ids=np.array([0.0, 1.0, 1.0, 2.0], np.float32))
+
+
+@pytest.mark.parametrize("variant", ["share", "global"])
+def test_out_of_range_ids_under_jit_poison_only_their_example(variant):
+    _, variables, _ = _model(variant)
+    params = variables["params"]
+    good = _forward(variant, params, IDS)
+    bad_ids = IDS.copy()
+    bad_ids[1], bad_ids[3] = T, -1
+    bad = _forward(variant, params, bad_ids)
+    assert np.isnan(bad[1]).all() and np.isnan(bad[3]).all()
+    np.testing.assert_array_equal(bad[[0, 2]], good[[0, 2]])
+
+
+def test_bad_configuration_raises():
+    with pytest.raises(ValueError, match="variant"):
+        hyperprompt.HyperPrompt(num_tasks=2, variant="shared")
+    with pytest.raises(ValueError, match="bottleneck_dim"):
+        hyperprompt.HyperPrompt(num_tasks=2, bottleneck_dim=0)
+    with pytest.raises(ValueError, match="num_tasks"):
+        hyperprompt.HyperPrompt(num_tasks=0)
+    hook = _hook("share")
+    with pytest.raises(ValueError, match="stack"):
+        hook.init(KEY, IDS, config=CONFIG, stack="middle", batch_size=4)
