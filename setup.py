@@ -36,6 +36,7 @@ setuptools.setup(
         "sentencepiece",
         "tensorstore",
         "clu>=0.0.10",
+        "tensorboard",  # clu's metric writers need it; tensorflow does not pull it in.
         "msgpack",
         "numpy",
         "safetensors",

@@ -1,0 +1,170 @@
+"""What a person watches during a run: progress lines, JSON-lines metrics, TensorBoard.
+
+Only process 0 writes. Files in the model directory (DESIGN.md, public contract):
+
+* `train_metrics.jsonl`: one JSON object per logged step: `step`, `loss`,
+  `learning_rate`, `examples_per_second`, plus the model's metrics (`accuracy`,
+  `z_loss`, `grad_norm`, ...) and sown statistics (SMoP: `prompt/router_probs/...`,
+  `prompt/prompt_fraction/<i>`, `prompt/mean_max_prob`), averaged over the steps since
+  the previous line.
+* `eval_metrics.jsonl`: one object per evaluated task: `step`, `task`, metric values.
+* TensorBoard events (clu `metric_writers`): `train/<metric>` and `eval/<task>/<metric>`.
+
+The progress line (`step 120/1000 | loss 2.3451 | lr 1.00e-03 | 812 ex/s | 0:00:42
+elapsed | 0:05:10 left`) goes to the `hyperprompt_jax` logger.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import tensorflow as tf
+from clu import metric_writers
+
+logger = logging.getLogger("hyperprompt_jax")
+
+TRAIN_METRICS_FILE = "train_metrics.jsonl"
+EVAL_METRICS_FILE = "eval_metrics.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    value = np.asarray(value)
+    if value.ndim == 0:
+        value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)  # JSON has no NaN / inf.
+        return value
+    return value.tolist()
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class MetricsWriter:
+    """Writes train / eval metrics to JSON lines, TensorBoard and the progress log.
+
+    Args:
+      model_dir: the run's directory.
+      total_steps: the step the run ends at (for the time estimate).
+      batch_size: global examples per step.
+    """
+
+    def __init__(self, model_dir: str, total_steps: int, batch_size: int):
+        self.model_dir = model_dir
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.chief = jax.process_index() == 0
+        self._tb = metric_writers.SummaryWriter(model_dir) if self.chief else None
+        self._start_time = time.time()
+        self._start_step: int | None = None
+        self._window_time = time.time()
+        self._window_steps = 0
+
+    def start(self, step: int) -> None:
+        """Marks the step training starts (or resumes) from, for rates and estimates."""
+        self._start_step = step
+        self._start_time = self._window_time = time.time()
+        self._window_steps = 0
+
+    def _append(self, name: str, record: Mapping[str, Any]) -> None:
+        if not self.chief:
+            return
+        path = os.path.join(self.model_dir, name)
+        line = json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n"
+        if "://" in path:  # Object stores cannot append: rewrite the (small) file.
+            old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
+            with tf.io.gfile.GFile(path, "w") as f:
+                f.write(old + line)
+        else:
+            with open(path, "a") as f:
+                f.write(line)
+
+    def write_train(self, step: int, metrics: Mapping[str, float], num_steps: int) -> dict:
+        """Logs the metrics averaged over the last `num_steps` steps, ending at `step`.
+
+        Returns the record written to `train_metrics.jsonl`.
+        """
+        now = time.time()
+        elapsed = max(now - self._window_time, 1e-9)
+        examples_per_second = num_steps * self.batch_size / elapsed
+        self._window_time = now
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        record["examples_per_second"] = examples_per_second
+        self._append(TRAIN_METRICS_FILE, record)
+        if self._tb is not None:
+            self._tb.write_scalars(
+                step, {f"train/{k}": v for k, v in record.items() if k != "step"}
+            )
+            self._tb.flush()
+        done = step - (self._start_step or 0)
+        total_elapsed = now - self._start_time
+        left = total_elapsed / max(done, 1) * (self.total_steps - step)
+        if self.chief:
+            logger.info(
+                "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | %s elapsed | %s left",
+                step,
+                self.total_steps,
+                record.get("loss", float("nan")),
+                record.get("learning_rate", float("nan")),
+                examples_per_second,
+                _duration(total_elapsed),
+                _duration(left),
+            )
+        return record
+
+    def write_eval(self, step: int, task_metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """Logs `{task: {metric: value}}` of an evaluation at `step`."""
+        for task, metrics in sorted(task_metrics.items()):
+            self._append(EVAL_METRICS_FILE, {"step": int(step), "task": task, **metrics})
+            if self._tb is not None:
+                self._tb.write_scalars(step, {f"eval/{task}/{k}": v for k, v in metrics.items()})
+            if self.chief:
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()))
+                logger.info("eval step %d | %s | %s", step, task, shown)
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def score_table(
+    last: Mapping[str, Mapping[str, float]],
+    best: Mapping[str, Mapping[str, Any]],
+    title: str = "Per-task scores",
+) -> str:
+    """A plain-text table: task, its metrics at the last evaluation, its best score.
+
+    Args:
+      last: `{task: {metric: value}}` of the last evaluation.
+      best: `{task: {'step', 'metric', 'value'}}` (Checkpointer.best).
+      title: first line.
+    """
+    rows = []
+    for task in sorted(set(last) | set(best)):
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.get(task, {}).items()))
+        b = best.get(task)
+        best_text = f"{b['value']:.2f} @ step {b['step']}" if b else "-"
+        rows.append((task, metrics or "-", best_text))
+    header = ("task", "last evaluation", "best score (checkpoint)")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([title, line(header), sep, *[line(r) for r in rows]])
+
+
+def mean_scalar(metrics: Mapping[str, float], names: Sequence[str] | None = None) -> float:
+    """The task score used to pick its best checkpoint: the mean of its metrics."""
+    values = [float(v) for k, v in metrics.items() if names is None or k in names]
+    return float(np.mean(values)) if values else float("nan")
