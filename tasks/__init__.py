@@ -15,13 +15,12 @@ the preparation command otherwise (`sources.py`); the vocabulary is T5's Sentenc
 model, swappable by gin or `HYPERPROMPT_VOCAB` (`vocab.py`).
 """
 
-import importlib.util
-
-from hyperprompt_jax.tasks import glue, mixtures, spot, super_glue  # noqa: F401  (registers)
+from hyperprompt_jax.tasks import (  # noqa: F401  (registers)
+    glue,
+    mixtures,
+    spot,
+    super_glue,
+    synthetic,  # noqa: F401,E402  (the quickstart mixture)
+)
 from hyperprompt_jax.tasks.sources import DatasetNotPreparedError  # noqa: F401
 from hyperprompt_jax.tasks.vocab import get_default_vocabulary, get_output_features  # noqa: F401
-
-# The quickstart's synthetic tasks live in a sibling module owned by another part of
-# the project; register them too when that module is present.
-if importlib.util.find_spec("hyperprompt_jax.tasks.synthetic") is not None:
-    from hyperprompt_jax.tasks import synthetic  # noqa: F401
