@@ -10,7 +10,9 @@ directory after `pip install`. Files use `from __gin__ import dynamic_registrati
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import tokenize
 from typing import Any, Iterable, Optional, Sequence
 
 import gin
@@ -81,12 +83,22 @@ def parse_gin(
             raise ValueError(f"gin file {f!r} not found in {paths}.{hint}")
         if os.path.isabs(f) and not os.path.exists(f):
             raise ValueError(f"gin file {f!r} does not exist.")
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_quiet_search_misses)
     try:
         gin.parse_config_files_and_bindings(
             list(gin_files), list(gin_bindings), finalize_config=finalize
         )
-    except (ValueError, SyntaxError, KeyError, ImportError, TypeError) as e:
+    except (ValueError, SyntaxError, KeyError, ImportError, TypeError, tokenize.TokenError) as e:
         raise ValueError(f"Invalid gin configuration: {e}") from e
+    finally:
+        root_logger.removeFilter(_quiet_search_misses)
+
+
+def _quiet_search_misses(record: logging.LogRecord) -> bool:
+    """Drops gin's "Path not found" lines: it logs one for every search path it tries
+    before the one that holds the file, which reads like an error but is not."""
+    return not str(record.getMessage()).startswith("Path not found:")
 
 
 def query_macro(name: str, default: Any = gin.REQUIRED) -> Any:
