@@ -10,13 +10,13 @@ directory after `pip install`. Files use `from __gin__ import dynamic_registrati
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 import tokenize
 from typing import Any, Iterable, Optional, Sequence
 
 import gin
-
 
 
 def _package_gin_dir() -> str:
@@ -89,10 +89,22 @@ def parse_gin(
         gin.parse_config_files_and_bindings(
             list(gin_files), list(gin_bindings), finalize_config=finalize
         )
-    except (ValueError, SyntaxError, KeyError, ImportError, TypeError, tokenize.TokenError) as e:
+    except tokenize.TokenError as e:  # e.g. an unclosed bracket; gin gives no location
+        raise ValueError(f"Invalid gin configuration: {_unparsable(gin_bindings, e)}") from None
+    except (ValueError, SyntaxError, KeyError, ImportError, TypeError) as e:
         raise ValueError(f"Invalid gin configuration: {e}") from e
     finally:
         root_logger.removeFilter(_quiet_search_misses)
+
+
+def _unparsable(bindings: Sequence[str], error: Exception) -> str:
+    """Names the binding that Python's tokenizer rejects."""
+    for binding in bindings:
+        try:
+            list(tokenize.generate_tokens(io.StringIO(binding).readline))
+        except tokenize.TokenError as e:
+            return f"{e.args[0]} in --gin.{binding}"
+    return str(error)
 
 
 def _quiet_search_misses(record: logging.LogRecord) -> bool:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import io
 import logging
 import os
 import socket
 import sys
 import threading
-import tokenize
 from typing import Sequence
 
 import jax
@@ -192,16 +190,6 @@ def check_macro_bindings(bindings: Sequence[str]) -> None:
         )
 
 
-def _unparsable(bindings: Sequence[str], error: Exception) -> str:
-    """Names the binding that Python's tokenizer rejects (gin reports no location)."""
-    for binding in bindings:
-        try:
-            list(tokenize.generate_tokens(io.StringIO(binding).readline))
-        except tokenize.TokenError as e:
-            return f"{e.args[0]} in --gin.{binding}"
-    return str(error)
-
-
 def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
     """Parses flags and gin, then calls `module_name.entry()`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -215,10 +203,7 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
         module = importlib.import_module(module_name)
         # Task modules register gin configurables: import them before gin is locked.
         utils.import_task_modules()
-        try:
-            gin_utils.parse_gin(files, bindings, paths)
-        except tokenize.TokenError as error:  # e.g. an unclosed bracket
-            raise ValueError(f"Invalid gin configuration: {_unparsable(bindings, error)}") from None
+        gin_utils.parse_gin(files, bindings, paths)
         check_macro_bindings(bindings)
         initialize_distributed()
         # gin's dynamic registration configures a wrapper, not the module attribute.
