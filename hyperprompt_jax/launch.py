@@ -21,6 +21,9 @@ import threading
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
 from hyperprompt_jax import gin_utils, utils
@@ -125,6 +128,28 @@ def initialize_distributed() -> None:
         )
     finally:
         joined.set()
+    _connect_cpu_collectives()
+
+
+def _connect_cpu_collectives() -> None:
+    """Connects the processes' CPU collectives (gloo) over all devices, while in step.
+
+    gloo connects a group of devices at the group's first collective and fails if the
+    processes arrive more than 30 s apart (fixed in XLA), which a slower start-up or
+    compilation on one machine easily causes before the first train step. Right after
+    `jax.distributed.initialize` the processes are in step; later collectives over the
+    same devices (the data-parallel all-reduce) reuse the connection and wait as long
+    as needed. No-op on TPU / GPU and for one process.
+    """
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    ones = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec("all")), np.ones(jax.local_device_count(), np.int32)
+    )
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(ones)
+    if int(total) != jax.device_count():
+        raise RuntimeError(f"CPU collectives: sum of ones over the devices is {int(total)}.")
 
 
 class _StderrHandler(logging.StreamHandler):
