@@ -634,7 +634,7 @@ def test_topk_mixture_registration(tmp_path):
 #
 # The test runs the small configuration and asserts the ranking; the full
 # configuration also trains the transfers (best_of_topk over both sources) and a fresh
-# prompt, and prints the numbers reported in docs/spot.md:
+# prompt, and prints the numbers reported in the README (SPoT):
 #   python tests/test_spot.py --workdir=/tmp/spot_synthetic --config=full
 
 _SYN_RULES = {"first": lambda s: s[0], "last": lambda s: s[-1], "min": min, "max": max}
