@@ -41,6 +41,7 @@ transformers = pytest.importorskip("transformers")
 
 from hyperprompt_jax import hyperprompt, network, prompts, smop  # noqa: E402
 from hyperprompt_jax.config import T5Config  # noqa: E402
+from tests.helpers import decode_incrementally  # noqa: E402
 
 VOCAB, EMB, HEADS, HEAD_DIM, MLP, ENC_LAYERS, DEC_LAYERS = 64, 32, 4, 6, 48, 2, 3
 BUCKETS, MAX_DISTANCE = 8, 20
@@ -528,49 +529,8 @@ def test_incremental_decoding_equals_full_forward(method, hf_model):
     enc, dec_in, tgt, task_ids = _batch()
     full = np.asarray(_forward(module)(params, enc, dec_in, tgt, task_ids))
 
-    @jax.jit
-    def prepare(params):
-        encoded = module.apply(
-            {"params": params}, enc, enable_dropout=False, task_ids=task_ids, method=module.encode
-        )
-        _, variables = module.apply(
-            {"params": params},
-            encoded,
-            enc,
-            jnp.ones_like(dec_in),
-            jnp.ones_like(dec_in),
-            enable_dropout=False,
-            decode=True,
-            task_ids=task_ids,
-            mutable=["cache"],
-            method=module.decode,
-        )
-        return encoded, variables
-
-    encoded, variables = prepare(params)
-
-    @jax.jit
-    def step(cache, token):
-        logits, new_vars = module.apply(
-            {"params": params, "cache": cache},
-            encoded,
-            enc,
-            token,
-            token,
-            enable_dropout=False,
-            decode=True,
-            max_decode_length=DEC_LEN,
-            task_ids=task_ids,
-            mutable=["cache"],
-            method=module.decode,
-        )
-        return logits[:, 0], new_vars["cache"]
-
-    cache, steps = variables["cache"], []
-    for t in range(DEC_LEN):
-        logits, cache = step(cache, jnp.asarray(dec_in[:, t : t + 1], jnp.int32))
-        steps.append(np.asarray(logits))
+    steps, cache = decode_incrementally(module, params, enc, dec_in, task_ids)
     # The cache holds only real decoder positions: prefixes never enter it.
     key_cache = cache["decoder"]["layers_0"]["self_attention"]["cached_key"]
     assert key_cache.shape == (BATCH, HEADS, HEAD_DIM, DEC_LEN)
-    np.testing.assert_allclose(np.stack(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(steps, full, atol=2e-5, rtol=1e-5)

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hyperprompt_jax import checkpoints, decoding, models, network  # noqa: E402
+from tests.helpers import decode_incrementally  # noqa: E402
 
 # The models are tiny; one thread avoids oversubscribing the shared 2-core machine.
 torch.set_num_threads(1)
@@ -243,41 +244,8 @@ def test_cached_decoding_equals_full_forward(case):
     dec_in = np.concatenate([np.zeros((3, 1), np.int64), tgt[:, :-1]], axis=1)
     full = np.asarray(_forward(case.module)(case.params, enc, dec_in, tgt))
 
-    module, params = case.module, case.params
-    encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
-    _, variables = module.apply(
-        {"params": params},
-        encoded,
-        enc,
-        jnp.ones_like(dec_in),
-        jnp.ones_like(dec_in),
-        enable_dropout=False,
-        decode=True,
-        mutable=["cache"],
-        method=module.decode,
-    )
-
-    @jax.jit
-    def step(cache, token):
-        logits, new_vars = module.apply(
-            {"params": params, "cache": cache},
-            encoded,
-            enc,
-            token,
-            token,
-            enable_dropout=False,
-            decode=True,
-            max_decode_length=DEC_LEN,
-            mutable=["cache"],
-            method=module.decode,
-        )
-        return logits[:, 0], new_vars["cache"]
-
-    cache, incremental = variables["cache"], []
-    for t in range(DEC_LEN):
-        logits, cache = step(cache, jnp.asarray(dec_in[:, t : t + 1], jnp.int32))
-        incremental.append(np.asarray(logits))
-    np.testing.assert_allclose(np.stack(incremental, axis=1), full, atol=2e-5, rtol=1e-5)
+    incremental, _ = decode_incrementally(case.module, case.params, enc, dec_in)
+    np.testing.assert_allclose(incremental, full, atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_activations_close_to_float32(case):

@@ -1,0 +1,74 @@
+"""Small helpers shared by test files (not fixtures: plain functions to import)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def decode_incrementally(
+    module: Any,
+    params: Any,
+    enc: np.ndarray,
+    dec_in: np.ndarray,
+    task_ids: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, Any]:
+    """Runs `Transformer.decode` one position at a time through the autoregressive cache.
+
+    Args:
+      module: a `network.Transformer`.
+      params: its parameters.
+      enc: encoder tokens `[batch, enc_length]`.
+      dec_in: decoder input tokens `[batch, dec_length]` (teacher forced).
+      task_ids: optional `[batch]` task ids.
+
+    Returns:
+      (logits `[batch, dec_length, vocab]` float32 NumPy, the final cache).
+    """
+    max_len = dec_in.shape[1]
+
+    @jax.jit
+    def prepare(params):
+        encoded = module.apply(
+            {"params": params}, enc, enable_dropout=False, task_ids=task_ids, method=module.encode
+        )
+        _, variables = module.apply(
+            {"params": params},
+            encoded,
+            enc,
+            jnp.ones_like(dec_in),
+            jnp.ones_like(dec_in),
+            enable_dropout=False,
+            decode=True,
+            task_ids=task_ids,
+            mutable=["cache"],
+            method=module.decode,
+        )
+        return encoded, variables["cache"]
+
+    @jax.jit
+    def step(encoded, cache, token):
+        logits, new_vars = module.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            enc,
+            token,
+            token,
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_len,
+            task_ids=task_ids,
+            mutable=["cache"],
+            method=module.decode,
+        )
+        return logits[:, 0], new_vars["cache"]
+
+    encoded, cache = prepare(params)
+    steps = []
+    for t in range(max_len):
+        logits, cache = step(encoded, cache, jnp.asarray(dec_in[:, t : t + 1], jnp.int32))
+        steps.append(np.asarray(logits))
+    return np.stack(steps, axis=1), cache
