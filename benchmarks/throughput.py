@@ -1,0 +1,444 @@
+"""Training throughput and peak memory on this CPU: ours (JAX) vs Hugging Face (PyTorch).
+
+    python benchmarks/throughput.py                  # T5.1.1-small shape, batch 8, 128 / 16
+    python benchmarks/throughput.py --rounds=5 --steps=10 --variants=float32,bfloat16
+
+Both frameworks train the same thing: a randomly initialised T5.1.1-small-shaped
+encoder-decoder (d 512, 6 heads x 64, GeGLU MLP 1024, 8 + 8 layers, vocabulary 32128,
+untied output layer, no dropout), the same batch of random tokens (no padding), the
+same lengths, with Adafactor in both (t5x's settings: decay 0.8, update clipping 1.0;
+model tuning with parameter scaling and learning rate 1e-3, prompt tuning without,
+weight decay 1e-5, learning rate 0.3; `transformers.optimization.Adafactor` with the
+matching arguments):
+
+* **full**: every parameter trained (`methods/model_tuning.gin` / a plain
+  `T5ForConditionalGeneration`);
+* **prompt**: a 100-token soft prompt, backbone frozen (`methods/prompt_tuning.gin` /
+  `peft.PromptTuningConfig(num_virtual_tokens=100, task_type=SEQ_2_SEQ_LM)`).
+
+Every measurement runs in its own subprocess so peak resident memory (`VmHWM`) is
+that framework's alone, and runs alternate (ours, HF, HF, ours, ...). The machine is
+shared: before each run the script waits until at most `--max_busy` of the CPU is
+busy, it records the share other processes took during each run, and the tables use
+only runs during which that share stayed at most `--max_busy` (all runs if none did).
+PyTorch's OpenMP threads degrade far more than XLA's under contention (on a loaded
+machine HF slowed down up to 15x, ours about 2x), so only quiet runs are comparable.
+Per run: one step to compile / warm up, then `--steps` timed steps, each waited for
+(`block_until_ready` / synchronous PyTorch). Reported: the median over runs of each
+run's median step time, as examples per second.
+
+Model FLOPs utilisation: the machine's float32 matmul peak is measured (a large
+`jnp.dot`, best of several), and each framework's achieved FLOP/s is XLA's FLOP count
+of our train step divided by its step time (the same model FLOPs for both, since
+both run the same computation).
+
+`--variants` adds our step with other settings (performance work), e.g. `bfloat16`
+activations or `onehot` (t5x's one-hot embedding matmul instead of a gather).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SMALL = dict(
+    vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6
+)
+PROMPT_LENGTH = 100
+
+# Our variants: name -> extra gin bindings.
+VARIANTS = {
+    "float32": ("ACTIVATION_DTYPE='float32'",),
+    "bfloat16": ("ACTIVATION_DTYPE='bfloat16'",),
+    "onehot": ("ACTIVATION_DTYPE='float32'", "config.T5Config.one_hot_embedding=True"),
+}
+
+
+def _batch_numpy(batch_size: int, inputs: int, targets: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(2, SMALL["vocab_size"], (batch_size, inputs), dtype=np.int32)
+    tgt = rng.integers(2, SMALL["vocab_size"], (batch_size, targets), dtype=np.int32)
+    dec_in = np.concatenate([np.zeros((batch_size, 1), np.int32), tgt[:, :-1]], axis=1)
+    return enc, dec_in, tgt
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def machine_busy(seconds: float = 2.0) -> float:
+    """Fraction of all cores busy over the next `seconds` (0 = idle machine)."""
+    busy0, total0 = _cpu_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_jiffies()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_quiet(max_busy: float, timeout: float) -> float:
+    """Waits (up to `timeout` s) until the machine is at most `max_busy` busy; returns it."""
+    deadline = time.time() + timeout
+    busy = machine_busy()
+    while busy > max_busy and time.time() < deadline:
+        busy = machine_busy(5.0)
+    return busy
+
+
+# ----------------------------------------------------------------------------------------
+# Workers (each in its own process)
+# ----------------------------------------------------------------------------------------
+
+
+def worker_ours(args: argparse.Namespace) -> dict:
+    import jax
+    import numpy as np
+
+    method = "model_tuning" if args.method == "full" else "prompt_tuning"
+    bindings = ["DROPOUT_RATE=0.0", *VARIANTS[args.variant]]
+    if method == "prompt_tuning":
+        bindings.append(f"PROMPT_LENGTH={PROMPT_LENGTH}")
+    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+    trainer = common.build_trainer(
+        "models/t5_1_1_small.gin", method, args.batch_size, lengths, bindings=bindings
+    )
+    enc, dec_in, tgt = _batch_numpy(args.batch_size, args.inputs_length, args.targets_length)
+    batch = {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": np.ones_like(tgt),
+        "task_ids": np.zeros((args.batch_size,), np.int32),
+    }
+    batch = {k: v for k, v in batch.items() if k in trainer.input_shapes}
+    batch = jax.device_put(batch, trainer.batch_shardings(trainer.input_shapes))
+    state = trainer.init_state()
+    start = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    first = time.perf_counter() - start
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+        losses.append(float(metrics["loss"]))
+    flops = common.flops_of(trainer.compiled_train_step())
+    return dict(times=times, first=first, losses=losses, flops=flops)
+
+
+def worker_hf(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.optimization import Adafactor
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    config = T5Config(
+        **SMALL,
+        num_decoder_layers=SMALL["num_layers"],
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = T5ForConditionalGeneration(config)
+    if args.method == "prompt":
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        model = get_peft_model(
+            model,
+            PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=PROMPT_LENGTH),
+        )
+        optimizer_args = dict(lr=0.3, scale_parameter=False, weight_decay=1e-5)
+    else:
+        optimizer_args = dict(lr=1e-3, scale_parameter=True, weight_decay=0.0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = Adafactor(
+        params,
+        relative_step=False,
+        warmup_init=False,
+        decay_rate=-0.8,
+        clip_threshold=1.0,
+        **optimizer_args,
+    )
+    enc, dec_in, tgt = _batch_numpy(args.batch_size, args.inputs_length, args.targets_length)
+    input_ids = torch.from_numpy(enc).long()
+    attention_mask = torch.ones_like(input_ids)
+    decoder_input_ids = torch.from_numpy(dec_in).long()
+    labels = torch.from_numpy(tgt).long()
+
+    def step() -> float:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            labels=labels,
+        )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    return dict(times=times, first=first, losses=losses, trainable=sum(p.numel() for p in params))
+
+
+def worker_peak(args: argparse.Namespace) -> dict:
+    """Best FLOP/s of an n x n matmul in float32 and bfloat16 (JAX, this CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    n = args.peak_size
+    for dtype in ("float32", "bfloat16"):
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        best = float("inf")
+        for _ in range(args.peak_repeats):
+            start = time.perf_counter()
+            f(a, a).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        out[dtype] = 2.0 * n**3 / best
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------
+
+
+def step_time(runs: list[dict], max_busy: float) -> float:
+    """Median over runs of each run's median step time, using only the runs during
+    which other processes took at most `max_busy` of the CPU (all runs if none did)."""
+    quiet = [r for r in runs if r["others_busy"] <= max_busy] or runs
+    return statistics.median(statistics.median(r["times"]) for r in quiet)
+
+
+def run_worker(kind: str, args: argparse.Namespace, **overrides) -> dict:
+    """Runs one worker subprocess and returns its JSON result plus its peak RSS."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}"]
+    settings = dict(
+        method=args.method if hasattr(args, "method") else "full",
+        variant="float32",
+        batch_size=args.batch_size,
+        inputs_length=args.inputs_length,
+        targets_length=args.targets_length,
+        steps=args.steps,
+        torch_threads=args.torch_threads,
+        peak_size=args.peak_size,
+        peak_repeats=args.peak_repeats,
+    )
+    settings.update(overrides)
+    cmd += [f"--{k}={v}" for k, v in settings.items()]
+    # CPU time of everything else during the run: machine busy time minus the worker's.
+    import resource
+
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, total0 = _cpu_jiffies()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    busy1, total1 = _cpu_jiffies()
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hz = os.sysconf("SC_CLK_TCK")
+    own = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+    others = max(0.0, (busy1 - busy0) / hz - own) / max((total1 - total0) / hz, 1e-9)
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("{"):
+            out = json.loads(line)
+            out["others_busy"] = others
+            return out
+    raise RuntimeError(f"worker {kind} {overrides} failed:\n{result.stderr[-4000:]}")
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    fn = {"ours": worker_ours, "hf": worker_hf, "peak": worker_peak}[args.worker]
+    out = fn(args)
+    out["peak_rss"] = common.peak_rss_bytes()
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--inputs_length", type=int, default=128)
+    parser.add_argument("--targets_length", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per framework and method")
+    parser.add_argument("--methods", default="full,prompt")
+    parser.add_argument("--variants", default="", help="extra runs of ours: bfloat16,onehot")
+    parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument("--peak_size", type=int, default=2048)
+    parser.add_argument("--peak_repeats", type=int, default=10)
+    parser.add_argument(
+        "--max_busy",
+        type=float,
+        default=0.2,
+        help="before each run, wait until at most this fraction of the CPU is busy",
+    )
+    parser.add_argument("--wait_timeout", type=float, default=900.0, help="seconds")
+    # Worker-only flags.
+    parser.add_argument("--worker", choices=["ours", "hf", "peak"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="float32", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker_main(args)
+
+    print(common.machine_header(("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")))
+    print(
+        f"T5.1.1-small shape, batch {args.batch_size}, inputs {args.inputs_length}, targets "
+        f"{args.targets_length}; {args.steps} timed steps x {args.rounds} runs per row; "
+        f"torch threads {args.torch_threads}; JAX on CPU.",
+        flush=True,
+    )
+    methods = [m for m in args.methods.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+    results: dict[tuple, list] = {}
+    loads = []
+    for r in range(args.rounds):
+        for method in methods:
+            runs = [("ours", "float32"), ("hf", "-")] + [("ours", v) for v in variants if v != "float32"]
+            if r % 2:
+                runs = runs[::-1]  # Alternate who goes first.
+            for kind, variant in runs:
+                busy_before = wait_until_quiet(args.max_busy, args.wait_timeout)
+                overrides = dict(method=method)
+                if kind == "ours":
+                    overrides["variant"] = variant
+                out = run_worker(kind, args, **overrides)
+                loads.append(out["others_busy"])
+                results.setdefault((method, kind, variant), []).append(out)
+                print(
+                    f"  round {r} {method:<6} {kind:<4} {variant:<8} "
+                    f"{args.batch_size / statistics.median(out['times']):6.2f} ex/s  "
+                    f"peak RSS {out['peak_rss'] / common.GIB:.2f} GiB  CPU busy before "
+                    f"{busy_before:.0%}, other processes during the run {out['others_busy']:.0%}",
+                    flush=True,
+                )
+    peaks = [run_worker("peak", args) for _ in range(2)]
+    peak = {k: max(p[k] for p in peaks) for k in ("float32", "bfloat16")}
+
+    rows, mfu_rows = [], []
+    for method in methods:
+        ours = results[(method, "ours", "float32")]
+        hf = results[(method, "hf", "-")]
+        ours_t, hf_t = step_time(ours, args.max_busy), step_time(hf, args.max_busy)
+        flops = ours[0]["flops"]
+        rows.append(
+            [
+                method,
+                f"{args.batch_size / ours_t:.2f}",
+                f"{args.batch_size / hf_t:.2f}",
+                f"{hf_t / ours_t:.2f}x",
+                f"{max(o['peak_rss'] for o in ours) / common.GIB:.2f}",
+                f"{max(o['peak_rss'] for o in hf) / common.GIB:.2f}",
+                f"{statistics.median(o['first'] for o in ours):.1f} / "
+                f"{statistics.median(o['first'] for o in hf):.1f}",
+            ]
+        )
+        mfu_rows.append(
+            [
+                f"{method}, ours float32",
+                f"{flops / 1e9:.1f}",
+                f"{flops / ours_t / 1e9:.1f}",
+                f"{100 * flops / ours_t / peak['float32']:.1f}%",
+            ]
+        )
+        mfu_rows.append(
+            [
+                f"{method}, HF float32",
+                f"{flops / 1e9:.1f}",
+                f"{flops / hf_t / 1e9:.1f}",
+                f"{100 * flops / hf_t / peak['float32']:.1f}%",
+            ]
+        )
+        for v in variants:
+            if v == "float32":
+                continue
+            runs = results[(method, "ours", v)]
+            t = step_time(runs, args.max_busy)
+            vflops = runs[0]["flops"]
+            ref = peak["bfloat16"] if v == "bfloat16" else peak["float32"]
+            rows.append(
+                [
+                    f"{method} (ours {v})",
+                    f"{args.batch_size / t:.2f}",
+                    "-",
+                    f"{hf_t / t:.2f}x",
+                    f"{max(o['peak_rss'] for o in runs) / common.GIB:.2f}",
+                    "-",
+                    f"{statistics.median(o['first'] for o in runs):.1f} / -",
+                ]
+            )
+            mfu_rows.append(
+                [
+                    f"{method}, ours {v}",
+                    f"{vflops / 1e9:.1f}",
+                    f"{vflops / t / 1e9:.1f}",
+                    f"{100 * vflops / t / ref:.1f}%",
+                ]
+            )
+    print(
+        "\nCPU share used by other processes during the runs: min "
+        f"{min(loads):.0%}, median {statistics.median(loads):.0%}, max {max(loads):.0%}\n"
+    )
+    print(
+        common.markdown_table(
+            [
+                "method",
+                "ours ex/s",
+                "HF ex/s",
+                "speed-up",
+                "ours peak RSS GiB",
+                "HF peak RSS GiB",
+                "first step s (ours / HF)",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nMatmul peak ({args.peak_size}^2, JAX): float32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
+        f"bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s\n"
+    )
+    print(
+        common.markdown_table(
+            ["train step", "GFLOP/step (XLA)", "achieved GFLOP/s", "MFU vs matmul peak"],
+            mfu_rows,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

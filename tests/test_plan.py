@@ -1,0 +1,158 @@
+"""Tests of `hyperprompt_jax.plan`: per-device bytes against hand counts and XLA.
+
+A small T5 (d 128, 4 heads x 32, MLP 256, vocabulary 512, 2 + 2 layers) on a
+data 4 x model 2 mesh: big enough that Adafactor factors its matrices (both sides
+>= 128), small enough to compile in seconds. The hand counts below follow t5x's
+logical axes (`mlp`, `heads` / `joined_kv`, `vocab` split over `model`; everything
+else replicated) and Adafactor's factoring rule, independently of the code.
+The compiled check runs in a subprocess with 8 fake CPU devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hyperprompt_jax import plan
+
+GIN = ["models/t5_1_1_tiny.gin"]
+SHAPE = [
+    "NUM_EMBEDDINGS=512",
+    "config.T5Config.emb_dim=128",
+    "config.T5Config.head_dim=32",
+    "config.T5Config.mlp_dim=256",
+]
+DATA, MODEL, BATCH = 4, 2, 8
+LENGTHS = {"inputs": 32, "targets": 8}
+
+# --- Hand counts (float32 parameters, 4 bytes) -----------------------------------------
+D, HK, F, V, H, BUCKETS = 128, 4 * 32, 256, 512, 4, 32
+ATTENTION = 4 * D * HK  # q, k, v, out
+MLP = 2 * D * F + F * D  # wi_0, wi_1, wo
+ENCODER_LAYER = ATTENTION + MLP + 2 * D  # + two layer norms
+DECODER_LAYER = 2 * ATTENTION + MLP + 3 * D
+TOTAL_PARAMS = (
+    V * D  # token embedding
+    + 2 * ENCODER_LAYER + H * BUCKETS + D  # layers, relative bias, final norm
+    + 2 * DECODER_LAYER + H * BUCKETS + D
+    + D * V  # logits_dense
+)
+# Per device: every matrix and the relative-position biases are split in two (each has
+# one axis among vocab / mlp / joined_kv / heads); layer norms are replicated.
+NORMS = 2 * 2 * D + 2 * 3 * D + 2 * D
+PARAMS_PER_DEVICE = (TOTAL_PARAMS - NORMS) // 2 + NORMS
+# Adafactor: a matrix with both sides >= 128 keeps row + column statistics (replicated)
+# and a 1-element placeholder for the unused full moment; anything else keeps a full
+# moment sharded like its parameter and two 1-element placeholders (optax's layout).
+MATRICES = [(V, D), (D, V)] + [(D, HK)] * (4 * 2 + 8 * 2) + [(D, F), (D, F), (F, D)] * 4
+FACTORED = sum(r + c + 1 for r, c in MATRICES)
+UNFACTORED = 12 * (D + 2) + 2 * (H * BUCKETS // 2 + 2)  # 12 layer norms, 2 relative biases
+OPT_MODEL_TUNING = 4 * (FACTORED + UNFACTORED)
+PROMPT = 100 * D  # [100, 128]: 100 < 128, so a full second moment (replicated)
+OPT_PROMPT_TUNING = 4 * (PROMPT + 2)
+COUNTERS = 8  # at most two int32 step counters (Adafactor's and the schedule's)
+
+
+def _plan(method_gin: str, extra=()):
+    plan.parse_run_gin([*GIN, method_gin], [*SHAPE, *extra])
+    num_partitions, rules = plan.gin_partitioning()
+    trainer = plan.trainer_from_gin(plan.AbstractPartitioner(DATA, MODEL, rules), BATCH, LENGTHS)
+    return plan.plan_memory(trainer, device_memory_bytes=2**30)
+
+
+def test_tpu_slices_and_mesh_flags():
+    assert plan.tpu_slice("v3-256") == (256, 16.0)
+    assert plan.tpu_slice("v4-128") == (64, 32.0)
+    assert plan.parse_mesh("data:16,model:16") == (16, 16)
+    with pytest.raises(ValueError, match="Unknown TPU slice"):
+        plan.tpu_slice("v9-8")
+    with pytest.raises(ValueError, match="data:16,model:16"):
+        plan.parse_mesh("data=16")
+
+
+def test_model_tuning_bytes_match_hand_count():
+    p = _plan("methods/model_tuning.gin")
+    assert p.total_params == p.trainable_params == TOTAL_PARAMS
+    assert p.param_bytes == 4 * PARAMS_PER_DEVICE
+    assert OPT_MODEL_TUNING <= p.optimizer_bytes <= OPT_MODEL_TUNING + COUNTERS
+    assert p.gradient_bytes == 2 * 4 * PARAMS_PER_DEVICE
+    assert p.fits
+
+
+def test_prompt_tuning_bytes_match_hand_count():
+    p = _plan("methods/prompt_tuning.gin", ["PROMPT_LENGTH=100"])
+    assert p.trainable_params == PROMPT
+    assert p.param_bytes == 4 * (PARAMS_PER_DEVICE + PROMPT)  # the prompt is replicated
+    assert OPT_PROMPT_TUNING <= p.optimizer_bytes <= OPT_PROMPT_TUNING + COUNTERS
+    assert p.gradient_bytes == 2 * 4 * PROMPT
+    assert p.encoder_length == LENGTHS["inputs"] + 100
+    # A frozen backbone keeps fewer activations per token than a trained one.
+    full = _plan("methods/model_tuning.gin")
+    per_token = lambda q: q.activation_parts["encoder"] / q.encoder_length  # noqa: E731
+    assert per_token(p) < per_token(full)
+
+
+def test_does_not_fit_in_tiny_memory(capsys):
+    args = [
+        *[f"--gin_file={g}" for g in GIN],
+        "--gin_file=methods/model_tuning.gin",
+        *[f"--gin.{b}" for b in SHAPE],
+        f"--mesh=data:{DATA},model:{MODEL}",
+        f"--batch_size={BATCH}",
+        "--task_feature_lengths=inputs:32,targets:8",
+        "--device_memory_gb=0.001",
+    ]
+    assert plan.main(args) == 2
+    assert capsys.readouterr().out.strip().endswith("DOES NOT FIT")
+    assert plan.main(args[:-1] + ["--device_memory_gb=1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("FITS")
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from hyperprompt_jax import partitioning, plan
+    gin, shape, data, model, batch, lengths = json.loads(sys.argv[1])
+    plan.parse_run_gin(gin, shape)
+    _, rules = plan.gin_partitioning()
+    out = {}
+    abstract = plan.trainer_from_gin(plan.AbstractPartitioner(data, model, rules), batch, lengths)
+    p = plan.plan_memory(abstract)
+    real = partitioning.Partitioner(model, rules, devices=jax.devices()[: data * model])
+    trainer = plan.trainer_from_gin(real, batch, lengths)
+    out["plan"] = dict(params=p.param_bytes, opt=p.optimizer_bytes,
+                       temp=p.gradient_bytes + p.activation_bytes)
+    out["compiled"] = plan.compiled_memory(trainer)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("method_gin", ["methods/model_tuning.gin", "methods/prompt_tuning.gin"])
+def test_plan_matches_compiled_sharded_step(method_gin):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    spec = json.dumps([[*GIN, method_gin], SHAPE, DATA, MODEL, BATCH, LENGTHS])
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE, spec], env=env, capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = BATCH // DATA
+    batch_bytes = 4 * (rows * LENGTHS["inputs"] + 3 * rows * LENGTHS["targets"] + rows)
+    step_bytes = 4
+    # Parameters, optimizer state, step and batch are the step's arguments: exact (jit
+    # drops `task_ids` when no method reads it).
+    state_bytes = out["plan"]["params"] + out["plan"]["opt"] + step_bytes
+    assert out["compiled"]["argument_bytes"] - state_bytes in (batch_bytes, batch_bytes - 4 * rows)
+    # Temporaries (gradients, update, activations) are an estimate: same magnitude.
+    ratio = out["compiled"]["temp_bytes"] / out["plan"]["temp"]
+    print(method_gin, out, f"compiled / planned temporaries = {ratio:.2f}")
+    assert 0.5 < ratio < 2.0, out
