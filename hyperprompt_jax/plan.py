@@ -45,8 +45,8 @@ import subprocess
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-import jax
 import flax.linen as nn
+import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
@@ -212,7 +212,6 @@ def trainer_from_gin(
       ValueError: a configuration error of the model, the method or the batch size.
     """
     import gin
-
     from hyperprompt_jax import optim, utils
 
     model = gin_utils.configured("MODEL")
