@@ -92,18 +92,27 @@ def machine_header(packages: Sequence[str] = ("jax", "jaxlib", "flax", "optax", 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; numbers right-aligned, text left-aligned."""
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     numeric = [
         all(_is_number(r[i]) for r in cells) if cells else False for i in range(len(headers))
     ]
 
     def line(values):
         out = []
-        for v, w, num in zip(values, widths, numeric):
+        for v, w, num in zip(values, widths, numeric, strict=True):
             out.append(v.rjust(w) if num else v.ljust(w))
         return "| " + " | ".join(out) + " |"
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+            for w, num in zip(widths, numeric, strict=True)
+        )
+        + "|"
+    )
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
@@ -146,6 +155,32 @@ def memory_of(compiled: Any) -> dict[str, int]:
     return out
 
 
+def rss_bytes() -> int:
+    """This process's current resident memory (`VmRSS`), in bytes (0 if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's `VmHWM` to its current RSS (Linux `clear_refs` 5).
+
+    Lets a benchmark measure the peak of a later phase (training steps) apart from an
+    earlier one (XLA compilation). Returns False where unsupported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (`VmHWM`), in bytes."""
     try:
@@ -171,15 +206,19 @@ def build_trainer(
     """A single-device `Trainer` from `model_gin` + `METHODS[method]` + `bindings`.
 
     Uses `hyperprompt_jax.plan.trainer_from_gin`, i.e. the same gin reading as
-    `python -m hyperprompt_jax.plan`; nothing is allocated until a step runs.
+    `python -m hyperprompt_jax.plan`; nothing is allocated until a step runs. Neither
+    task modules nor seqio are imported (the input shapes are written out), so the
+    process holds no TensorFlow (~700 MB of resident memory).
     """
     from hyperprompt_jax import partitioning, plan
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {sorted(METHODS)}.")
     method_gin, method_bindings = METHODS[method]
-    plan.parse_run_gin([model_gin, method_gin], [*method_bindings, *bindings])
-    return plan.trainer_from_gin(partitioner or partitioning.Partitioner(), batch_size, lengths)
+    plan.parse_run_gin([model_gin, method_gin], [*method_bindings, *bindings], import_tasks=False)
+    return plan.trainer_from_gin(
+        partitioner or partitioning.Partitioner(), batch_size, lengths, use_feature_converter=False
+    )
 
 
 def timed(fn, *args) -> tuple[Any, float]:

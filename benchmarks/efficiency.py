@@ -206,9 +206,7 @@ def report(rows: list[dict], args: argparse.Namespace, sweep: dict) -> str:
                     f"{paper['inference FLOPs']}%" if paper else "-",
                 ],
             ]
-            out.append(
-                common.markdown_table(["reduction", "ours", "paper (T5-large)"], table)
-            )
+            out.append(common.markdown_table(["reduction", "ours", "paper (T5-large)"], table))
         mt = sized.get("model_tuning")
         hps = [m for m in sized if m.startswith("hyperprompt")]
         if mt and hps:

@@ -25,10 +25,13 @@ PyTorch's OpenMP threads degrade far more than XLA's under contention (on a load
 machine HF slowed down up to 15x, ours about 2x), so only quiet runs are comparable.
 Per run: one step to compile / warm up, then `--steps` timed steps, each waited for
 (`block_until_ready` / synchronous PyTorch). Reported: the median over runs of each
-run's median step time, as examples per second.
+run's median step time, as examples per second; the process's peak resident memory,
+and the peak during the timed steps alone (`VmHWM` reset after the first step, so
+XLA's compilation is excluded) above the memory with the libraries loaded.
 
-Model FLOPs utilisation: the machine's float32 matmul peak is measured (a large
-`jnp.dot`, best of several), and each framework's achieved FLOP/s is XLA's FLOP count
+Model FLOPs utilisation: the machine's matmul peak is measured (a large float32 and
+bfloat16 `jnp.dot`, best of several; MFU uses the better), and each framework's
+achieved FLOP/s is XLA's FLOP count
 of our train step divided by its step time (the same model FLOPs for both, since
 both run the same computation).
 
@@ -45,13 +48,12 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SMALL = dict(
-    vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6
-)
+SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
 PROMPT_LENGTH = 100
 
 # Our variants: name -> extra gin bindings.
@@ -115,6 +117,9 @@ def worker_ours(args: argparse.Namespace) -> dict:
     trainer = common.build_trainer(
         "models/t5_1_1_small.gin", method, args.batch_size, lengths, bindings=bindings
     )
+    # Libraries loaded (including TensorFlow, which seqio brings in with the model gin's
+    # vocabulary), nothing allocated yet.
+    baseline = common.rss_bytes()
     enc, dec_in, tgt = _batch_numpy(args.batch_size, args.inputs_length, args.targets_length)
     batch = {
         "encoder_input_tokens": enc,
@@ -130,6 +135,8 @@ def worker_ours(args: argparse.Namespace) -> dict:
     state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics["loss"])
     first = time.perf_counter() - start
+    with_compile = common.peak_rss_bytes()
+    common.reset_peak_rss()  # From here on: the steady-state training peak.
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -137,14 +144,27 @@ def worker_ours(args: argparse.Namespace) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
         losses.append(float(metrics["loss"]))
+    steps_peak = common.peak_rss_bytes()  # Before the extra compile below.
     flops = common.flops_of(trainer.compiled_train_step())
-    return dict(times=times, first=first, losses=losses, flops=flops)
+    return dict(
+        times=times,
+        first=first,
+        losses=losses,
+        flops=flops,
+        baseline=baseline,
+        peak=max(with_compile, steps_peak),
+        steps_peak=steps_peak,
+    )
 
 
 def worker_hf(args: argparse.Namespace) -> dict:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.optimization import Adafactor
+
+    if args.method == "prompt":
+        import peft  # noqa: F401 (loaded before the baseline, like our libraries)
+    baseline = common.rss_bytes()
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
@@ -202,12 +222,22 @@ def worker_hf(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
+    first_peak = common.peak_rss_bytes()
+    common.reset_peak_rss()
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
-    return dict(times=times, first=first, losses=losses, trainable=sum(p.numel() for p in params))
+    return dict(
+        times=times,
+        first=first,
+        losses=losses,
+        trainable=sum(p.numel() for p in params),
+        baseline=baseline,
+        peak=max(first_peak, common.peak_rss_bytes()),
+        steps_peak=common.peak_rss_bytes(),
+    )
 
 
 def worker_peak(args: argparse.Namespace) -> dict:
@@ -280,7 +310,7 @@ def run_worker(kind: str, args: argparse.Namespace, **overrides) -> dict:
 def _worker_main(args: argparse.Namespace) -> int:
     fn = {"ours": worker_ours, "hf": worker_hf, "peak": worker_peak}[args.worker]
     out = fn(args)
-    out["peak_rss"] = common.peak_rss_bytes()
+    out["peak_rss"] = out.get("peak", common.peak_rss_bytes())
     print(json.dumps(out))
     return 0
 
@@ -312,7 +342,9 @@ def main(argv=None) -> int:
     if args.worker:
         return _worker_main(args)
 
-    print(common.machine_header(("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")))
+    print(
+        common.machine_header(("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"))
+    )
     print(
         f"T5.1.1-small shape, batch {args.batch_size}, inputs {args.inputs_length}, targets "
         f"{args.targets_length}; {args.steps} timed steps x {args.rounds} runs per row; "
@@ -328,7 +360,9 @@ def main(argv=None) -> int:
     loads = []
     for r in range(args.rounds):
         for method in methods:
-            runs = [("ours", "float32"), ("hf", "-")] + [("ours", v) for v in variants if v != "float32"]
+            runs = [("ours", "float32"), ("hf", "-")] + [
+                ("ours", v) for v in variants if v != "float32"
+            ]
             if r % 2:
                 runs = runs[::-1]  # Alternate who goes first.
             for kind, variant in runs:
@@ -346,69 +380,66 @@ def main(argv=None) -> int:
                     f"{busy_before:.0%}, other processes during the run {out['others_busy']:.0%}",
                     flush=True,
                 )
-    peaks = [run_worker("peak", args) for _ in range(2)]
+    peaks = []
+    for _ in range(2):
+        wait_until_quiet(args.max_busy, args.wait_timeout)
+        peaks.append(run_worker("peak", args))
     peak = {k: max(p[k] for p in peaks) for k in ("float32", "bfloat16")}
+    # The machine's best matmul rate, whichever dtype reaches it, bounds every step.
+    best = max(peak.values())
+
+    def memory(runs: list[dict]) -> tuple[str, str]:
+        top = max(runs, key=lambda r: r["peak_rss"])
+        steps = max(r["steps_peak"] - r["baseline"] for r in runs)
+        return f"{top['peak_rss'] / common.GIB:.2f}", f"{steps / common.GIB:.2f}"
 
     rows, mfu_rows = [], []
+
+    def add(label: str, runs: list[dict], hf_t: float, hf_runs: Optional[list]) -> None:
+        t = step_time(runs, args.max_busy)
+        flops = runs[0]["flops"] if "flops" in runs[0] else None
+        hf_mem = memory(hf_runs) if hf_runs else ("-", "-")
+        rows.append(
+            [
+                label,
+                f"{args.batch_size / t:.2f}",
+                f"{args.batch_size / hf_t:.2f}" if hf_runs else "-",
+                f"{hf_t / t:.2f}x",
+                *memory(runs),
+                *hf_mem,
+                f"{statistics.median(o['first'] for o in runs):.1f}"
+                + (f" / {statistics.median(o['first'] for o in hf_runs):.1f}" if hf_runs else ""),
+            ]
+        )
+        if flops:
+            name = label if "(" in label else f"{label}, ours float32"
+            mfu_rows.append(
+                [
+                    name,
+                    f"{flops / 1e9:.1f}",
+                    f"{flops / t / 1e9:.1f}",
+                    f"{100 * flops / t / best:.1f}%",
+                ]
+            )
+
     for method in methods:
         ours = results[(method, "ours", "float32")]
         hf = results[(method, "hf", "-")]
-        ours_t, hf_t = step_time(ours, args.max_busy), step_time(hf, args.max_busy)
+        hf_t = step_time(hf, args.max_busy)
+        add(f"{method}", ours, hf_t, hf)
+        for v in variants:
+            if v != "float32":
+                add(f"{method} (ours {v})", results[(method, "ours", v)], hf_t, None)
+        # HF runs the same computation: our XLA FLOP count is its model FLOPs too.
         flops = ours[0]["flops"]
-        rows.append(
-            [
-                method,
-                f"{args.batch_size / ours_t:.2f}",
-                f"{args.batch_size / hf_t:.2f}",
-                f"{hf_t / ours_t:.2f}x",
-                f"{max(o['peak_rss'] for o in ours) / common.GIB:.2f}",
-                f"{max(o['peak_rss'] for o in hf) / common.GIB:.2f}",
-                f"{statistics.median(o['first'] for o in ours):.1f} / "
-                f"{statistics.median(o['first'] for o in hf):.1f}",
-            ]
-        )
         mfu_rows.append(
             [
-                f"{method}, ours float32",
-                f"{flops / 1e9:.1f}",
-                f"{flops / ours_t / 1e9:.1f}",
-                f"{100 * flops / ours_t / peak['float32']:.1f}%",
-            ]
-        )
-        mfu_rows.append(
-            [
-                f"{method}, HF float32",
+                f"{method}, HF",
                 f"{flops / 1e9:.1f}",
                 f"{flops / hf_t / 1e9:.1f}",
-                f"{100 * flops / hf_t / peak['float32']:.1f}%",
+                f"{100 * flops / hf_t / best:.1f}%",
             ]
         )
-        for v in variants:
-            if v == "float32":
-                continue
-            runs = results[(method, "ours", v)]
-            t = step_time(runs, args.max_busy)
-            vflops = runs[0]["flops"]
-            ref = peak["bfloat16"] if v == "bfloat16" else peak["float32"]
-            rows.append(
-                [
-                    f"{method} (ours {v})",
-                    f"{args.batch_size / t:.2f}",
-                    "-",
-                    f"{hf_t / t:.2f}x",
-                    f"{max(o['peak_rss'] for o in runs) / common.GIB:.2f}",
-                    "-",
-                    f"{statistics.median(o['first'] for o in runs):.1f} / -",
-                ]
-            )
-            mfu_rows.append(
-                [
-                    f"{method}, ours {v}",
-                    f"{vflops / 1e9:.1f}",
-                    f"{vflops / t / 1e9:.1f}",
-                    f"{100 * vflops / t / ref:.1f}%",
-                ]
-            )
     print(
         "\nCPU share used by other processes during the runs: min "
         f"{min(loads):.0%}, median {statistics.median(loads):.0%}, max {max(loads):.0%}\n"
@@ -421,19 +452,28 @@ def main(argv=None) -> int:
                 "HF ex/s",
                 "speed-up",
                 "ours peak RSS GiB",
+                "ours steps GiB",
                 "HF peak RSS GiB",
+                "HF steps GiB",
                 "first step s (ours / HF)",
             ],
             rows,
         )
     )
     print(
-        f"\nMatmul peak ({args.peak_size}^2, JAX): float32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
-        f"bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s\n"
+        "\npeak RSS: the whole process (ours includes XLA compilation and ~0.7 GiB of "
+        "TensorFlow that seqio loads with the model gin's vocabulary); steps GiB: the peak "
+        "during the timed steps (after the first step, VmHWM reset) minus the RSS with the "
+        "libraries loaded and nothing built."
+    )
+    print(
+        f"\nMatmul peak ({args.peak_size}^2, JAX, best of {args.peak_repeats}): float32 "
+        f"{peak['float32'] / 1e9:.1f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s; "
+        "MFU is against the better of the two.\n"
     )
     print(
         common.markdown_table(
-            ["train step", "GFLOP/step (XLA)", "achieved GFLOP/s", "MFU vs matmul peak"],
+            ["train step", "GFLOP/step (XLA)", "achieved GFLOP/s", "MFU"],
             mfu_rows,
         )
     )

@@ -550,7 +550,9 @@ def make_decoder_mask(
         masks.append(jnp.logical_or(causal, inputs_mask).astype(dtype))
     else:
         masks.append(causal)
-    masks.append(make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0, dtype=dtype))
+    masks.append(
+        make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0, dtype=dtype)
+    )
     if decoder_segment_ids is not None:
         masks.append(
             make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal, dtype=dtype)

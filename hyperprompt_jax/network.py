@@ -417,9 +417,7 @@ class Transformer(nn.Module):
                 ),
             )
         deterministic = not enable_dropout
-        prefixes = self._prefixes(
-            task_ids, "decoder", decoder_input_tokens.shape[0], deterministic
-        )
+        prefixes = self._prefixes(task_ids, "decoder", decoder_input_tokens.shape[0], deterministic)
         return self.decoder(
             encoded,
             decoder_input_tokens=decoder_input_tokens,

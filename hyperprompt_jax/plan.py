@@ -119,7 +119,8 @@ class AbstractPartitioner(partitioning_lib.Partitioner):
     def __init__(self, data: int, model: int, logical_axis_rules=None):  # noqa: D107
         axis_types = (jax.sharding.AxisType.Auto,) * 2
         self.mesh = AbstractMesh(
-            (data, model), (partitioning_lib.DATA_AXIS, partitioning_lib.MODEL_AXIS),
+            (data, model),
+            (partitioning_lib.DATA_AXIS, partitioning_lib.MODEL_AXIS),
             axis_types=axis_types,
         )
         self.rules = list(
@@ -148,18 +149,28 @@ def _quiet_gin_search_paths() -> None:
 
 
 def parse_run_gin(
-    gin_files: Sequence[str], gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = ()
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str] = (),
+    search_paths: Sequence[str] = (),
+    import_tasks: bool = True,
 ) -> None:
     """Parses `train`'s gin files without requiring run-only macros (e.g. MODEL_DIR).
+
+    Args:
+      gin_files: relative names or paths, as `train` takes them.
+      gin_bindings: `NAME=VALUE` bindings.
+      search_paths: extra directories for gin files.
+      import_tasks: import the task modules first (run files may configure them);
+        model and method files alone need neither them nor seqio / TensorFlow.
 
     Raises:
       ValueError: bad gin (see `gin_utils.parse_gin`).
     """
     _quiet_gin_search_paths()
-    # Task modules register gin configurables used by run files; import them first.
-    from hyperprompt_jax import utils
+    if import_tasks:
+        from hyperprompt_jax import utils
 
-    utils.import_task_modules()
+        utils.import_task_modules()
     gin_utils.parse_gin(gin_files, gin_bindings, search_paths, finalize=False)
 
 
@@ -194,11 +205,31 @@ def _gin_batch_size() -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
+def unpacked_input_shapes(
+    batch_size: int, task_feature_lengths: Mapping[str, int]
+) -> dict[str, tuple[int, ...]]:
+    """The model features of unpacked encoder-decoder batches and their shapes.
+
+    What `utils.default_feature_converter(pack=False)` produces (seqio's
+    `EncDecFeatureConverter` plus `task_ids`), written out so that callers that only
+    need shapes do not import seqio and TensorFlow.
+    """
+    inputs, targets = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    return {
+        "encoder_input_tokens": (batch_size, inputs),
+        "decoder_input_tokens": (batch_size, targets),
+        "decoder_target_tokens": (batch_size, targets),
+        "decoder_loss_weights": (batch_size, targets),
+        "task_ids": (batch_size,),
+    }
+
+
 def trainer_from_gin(
     partitioner: partitioning_lib.Partitioner,
     batch_size: int,
     task_feature_lengths: Mapping[str, int],
     trainable_patterns: Any = _FROM_GIN,
+    use_feature_converter: bool = True,
 ) -> trainer_lib.Trainer:
     """A `Trainer` for the parsed gin's `MODEL`, method and optimiser (no weights made).
 
@@ -207,18 +238,25 @@ def trainer_from_gin(
       batch_size: global batch size.
       task_feature_lengths: e.g. `{'inputs': 512, 'targets': 8}`.
       trainable_patterns: default: the gin macro `TRAINABLE_PATTERNS` (unset = all).
+      use_feature_converter: take the input shapes from the feature converter `train`
+        uses (imports seqio); False: `unpacked_input_shapes` (the same shapes).
 
     Raises:
       ValueError: a configuration error of the model, the method or the batch size.
     """
     import gin
-    from hyperprompt_jax import optim, utils
+    from hyperprompt_jax import optim
 
     model = gin_utils.configured("MODEL")
     if trainable_patterns == _FROM_GIN:
         trainable_patterns = gin_utils.query_macro("TRAINABLE_PATTERNS", None)
-    converter = utils.default_feature_converter(pack=False)
-    shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
+    if use_feature_converter:
+        from hyperprompt_jax import utils
+
+        converter = utils.default_feature_converter(pack=False)
+        shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
+    else:
+        shapes = unpacked_input_shapes(batch_size, task_feature_lengths)
     return trainer_lib.Trainer(
         model,
         gin.get_configurable(optim.adafactor),
@@ -369,7 +407,9 @@ class MemoryPlan:
             f"  optimizer state     {gib(self.optimizer_bytes)}",
             f"  gradients + update  {gib(self.gradient_bytes)}",
             f"  activations (est.)  {gib(self.activation_bytes)}   "
-            + ", ".join(f"{k} {v / GIB:.3f}" for k, v in self.activation_parts.items() if k != "total"),
+            + ", ".join(
+                f"{k} {v / GIB:.3f}" for k, v in self.activation_parts.items() if k != "total"
+            ),
             f"  total               {gib(self.total_bytes)}",
         ]
         if self.compiled:
@@ -589,12 +629,16 @@ def resolve_settings(flags: Mapping[str, str]) -> dict:
                 "--mesh model=%d overrides the gin's NUM_PARTITIONS=%d.", model, num_partitions
             )
         if "tpu" in flags and data * model != num_devices:
-            raise ValueError(f"--mesh has {data * model} devices but {flags['tpu']} has {num_devices}.")
+            raise ValueError(
+                f"--mesh has {data * model} devices but {flags['tpu']} has {num_devices}."
+            )
     else:
         if "num_devices" in flags:
             num_devices = int(flags["num_devices"])
         elif "tpu" not in flags:
-            raise ValueError("Give the mesh: --mesh=data:D,model:M, --num_devices=N or --tpu=v3-256.")
+            raise ValueError(
+                "Give the mesh: --mesh=data:D,model:M, --num_devices=N or --tpu=v3-256."
+            )
         model = int(num_partitions or 1)
         if num_devices % model:
             raise ValueError(
@@ -663,11 +707,14 @@ def verify_by_depth(argv: Sequence[str], devices: int, num_layers: int) -> dict:
     state and the per-layer activations grow linearly with depth; two reduced-depth
     compiles give the slope and intercept. This makes a T5-XXL check take minutes
     instead of the better part of an hour (the full 24 + 24-layer compile on 256 fake
-    devices took 32 minutes here, and the extrapolation matched it; docs/benchmarks.md).
+    devices took 32 minutes here, and the extrapolation matched it; see the README).
     """
     lo, hi = ANALOG_LAYERS
     small, large = _verify(argv, devices, lo), _verify(argv, devices, hi)
-    out = {"devices": devices, "compile_seconds": small["compile_seconds"] + large["compile_seconds"]}
+    out = {
+        "devices": devices,
+        "compile_seconds": small["compile_seconds"] + large["compile_seconds"],
+    }
     for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
         slope = (large[key] - small[key]) / (hi - lo)
         out[key] = int(round(small[key] + slope * (num_layers - lo)))
