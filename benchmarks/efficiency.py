@@ -19,7 +19,8 @@ Then two comparisons:
 * SMoP (4 x 5 tokens; each example gets one 5-token prompt) against 100-token prompt
   tuning, next to the SMoP paper's T5-large reductions, with a sweep over input
   lengths (inference FLOPs) that shows where the paper's numbers come from;
-* each HyperPrompt variant against model tuning (the paper: little added compute).
+* each HyperPrompt variant against model tuning (the paper: little added compute);
+* rematerialised layers (`--remat_policies`) against none, for `--remat_methods`.
 
 Training *time* is not measured here (a T5-large step at batch 32 takes minutes on a
 CPU); a step's FLOPs are its time on a compute-bound accelerator.
@@ -69,15 +70,15 @@ def inference_step(trainer: Any) -> Any:
     return jitted.lower(trainer.param_shapes, batch)
 
 
-def measure(size: str, method: str, args: argparse.Namespace) -> dict:
-    """Compiles one (size, method) pair and returns its numbers."""
+def measure(size: str, method: str, args: argparse.Namespace, remat: str = "none") -> dict:
+    """Compiles one (size, method) pair (layers rematerialised by `remat`); its numbers."""
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     trainer = common.build_trainer(
         f"models/t5_1_1_{size}.gin",
         method,
         args.batch_size,
         lengths,
-        bindings=[f"ACTIVATION_DTYPE='{args.dtype}'"],
+        bindings=[f"ACTIVATION_DTYPE='{args.dtype}'", f"REMAT_POLICY='{remat}'"],
     )
     from hyperprompt_jax import trainable
 
@@ -88,6 +89,7 @@ def measure(size: str, method: str, args: argparse.Namespace) -> dict:
     row = dict(
         size=size,
         method=method,
+        remat=remat,
         trainable=n_train,
         total=n_total,
         train_flops=common.flops_of(train),
@@ -97,7 +99,7 @@ def measure(size: str, method: str, args: argparse.Namespace) -> dict:
         compile_s=(train_s, infer_s),
     )
     print(
-        f"  {size:>5} {method:<20} train {row['train_flops'] / 1e12:8.2f} TFLOP "
+        f"  {size:>5} {method:<20} remat {remat:<7} train {row['train_flops'] / 1e12:8.2f} TFLOP "
         f"peak {row['train_mem']['peak'] / common.GIB:6.2f} GiB | infer "
         f"{row['infer_flops'] / 1e9:9.1f} GFLOP | compile {train_s:.0f}+{infer_s:.0f} s",
         flush=True,
@@ -137,11 +139,45 @@ def _gib(n: int) -> str:
     return f"{n / common.GIB:.2f}"
 
 
-def report(rows: list[dict], args: argparse.Namespace, sweep: dict) -> str:
+def remat_table(rows: list[dict]) -> str:
+    """Train-step FLOPs and memory per remat policy, against no rematerialisation."""
+    table = []
+    for r in rows:
+        base = next(
+            b
+            for b in rows
+            if (b["size"], b["method"], b["remat"]) == (r["size"], r["method"], "none")
+        )
+        table.append(
+            [
+                f"{r['size']} {r['method']}",
+                r["remat"],
+                f"{r['train_flops'] / 1e12:.2f}",
+                common.percent_change(r["train_flops"], base["train_flops"]),
+                _gib(r["train_mem"]["temp"]),
+                _gib(r["train_mem"]["peak"]),
+                common.percent_change(r["train_mem"]["peak"], base["train_mem"]["peak"]),
+            ]
+        )
+    return common.markdown_table(
+        [
+            "model, method",
+            "remat",
+            "train TFLOP/step",
+            "FLOPs vs none",
+            "train temp GiB",
+            "train peak GiB",
+            "peak vs none",
+        ],
+        table,
+    )
+
+
+def report(rows: list[dict], args: argparse.Namespace, sweep: dict, remat_rows=()) -> str:
     """The tables."""
     out = []
     for size in args.sizes:
-        sized = {r["method"]: r for r in rows if r["size"] == size}
+        sized = {r["method"]: r for r in rows if r["size"] == size and r["remat"] == "none"}
         if not sized:
             continue
         out.append(
@@ -240,6 +276,12 @@ def report(rows: list[dict], args: argparse.Namespace, sweep: dict) -> str:
                 [[n, f"{a:,.0f}", f"{b:,.0f}", f"{c:.1f}%"] for n, a, b, c in rows_],
             )
         )
+    if remat_rows:
+        out.append(
+            f"\nRematerialised layers (`REMAT_POLICY`), train step, batch {args.batch_size}, "
+            f"inputs {args.inputs_length}, targets {args.targets_length}:\n"
+        )
+        out.append(remat_table(list(remat_rows)))
     return "\n".join(out)
 
 
@@ -257,6 +299,14 @@ def main(argv=None) -> int:
         help="input lengths of the SMoP-vs-prompt-tuning inference sweep ('' = none)",
     )
     parser.add_argument("--sweep_sizes", default="large", help="sizes of the sweep")
+    parser.add_argument(
+        "--remat_policies",
+        default="minimal,full",
+        help="remat policies compared with 'none' ('' = no remat table)",
+    )
+    parser.add_argument(
+        "--remat_methods", default="model_tuning,prompt_tuning", help="methods of the remat table"
+    )
     args = parser.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
@@ -270,12 +320,20 @@ def main(argv=None) -> int:
         flush=True,
     )
     rows = [measure(size, m, args) for size in args.sizes for m in methods]
+    remat_rows = []
+    policies = [p for p in args.remat_policies.split(",") if p and p != "none"]
+    if policies:
+        for size in args.sizes:
+            for m in [m for m in args.remat_methods.split(",") if m]:
+                none = [r for r in rows if (r["size"], r["method"]) == (size, m)]
+                remat_rows += none or [measure(size, m, args)]
+                remat_rows += [measure(size, m, args, remat=p) for p in policies]
     sweep = {}
     lengths = [int(n) for n in args.sweep_lengths.split(",") if n]
     if lengths:
         for size in [s for s in args.sweep_sizes.split(",") if s]:
             sweep[size] = sweep_inference_flops(size, lengths, args)
-    print(report(rows, args, sweep))
+    print(report(rows, args, sweep, remat_rows))
     return 0
 
 

@@ -36,7 +36,8 @@ of our train step divided by its step time (the same model FLOPs for both, since
 both run the same computation).
 
 `--variants` adds our step with other settings (performance work), e.g. `bfloat16`
-activations or `onehot` (t5x's one-hot embedding matmul instead of a gather).
+activations, `onehot` (t5x's one-hot embedding matmul instead of a gather) or
+`remat_minimal` / `remat_full` (rematerialised layers: the time they cost).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ VARIANTS = {
     "float32": ("ACTIVATION_DTYPE='float32'",),
     "bfloat16": ("ACTIVATION_DTYPE='bfloat16'",),
     "onehot": ("ACTIVATION_DTYPE='float32'", "config.T5Config.one_hot_embedding=True"),
+    "remat_minimal": ("ACTIVATION_DTYPE='float32'", "REMAT_POLICY='minimal'"),
+    "remat_full": ("ACTIVATION_DTYPE='float32'", "REMAT_POLICY='full'"),
 }
 
 

@@ -2,8 +2,9 @@
 
 `T5Config` carries exactly the fields of t5x's `t5x/examples/t5/network.py` config
 (so gin files and code written for t5x read the same), plus the two relative-position
-settings a real checkpoint needs and one execution option (how token ids are embedded)
-that changes speed, never numerics.
+settings a real checkpoint needs and two execution options (how token ids are embedded,
+which layer activations are rematerialised) that change speed and memory, never
+numerics.
 
 The sizes follow the T5.1.1 release (head_dim 64, vocab 32128, GeGLU MLP, untied
 logits) and the original T5 v1.0 release (ReLU MLP, logits through the shared
@@ -38,6 +39,9 @@ def canonical_dtype(dtype: Any) -> Any:
         return _DTYPES[dtype]
     return dtype
 
+# Layer rematerialisation policies (see `T5Config.remat_policy`).
+REMAT_POLICIES = ("none", "minimal", "full")
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -61,6 +65,12 @@ class T5Config:
       relative_attention_max_distance: distance folded into the last bucket (128).
       one_hot_embedding: embed tokens with a one-hot matmul like t5x (a TPU habit,
         ~40% of a T5-small step's FLOPs on CPU/GPU) instead of an exact gather.
+      remat_policy: rematerialisation of each encoder / decoder layer in training
+        (flaxformer's names): 'none' keeps every activation the backward pass needs;
+        'minimal' keeps only the outputs of weight matmuls (`dots_with_no_batch_dims`)
+        and recomputes the rest (attention scores, softmax, GeGLU, layer norms);
+        'full' keeps only each layer's input and recomputes the layer. Speed and
+        memory only: values and gradients are unchanged.
     """
 
     vocab_size: int
@@ -78,6 +88,7 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     one_hot_embedding: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -100,6 +111,11 @@ class T5Config:
                 raise ValueError(f"T5Config.{name} must be a non-negative int, got {value!r}.")
         if not 0.0 <= float(self.dropout_rate) < 1.0:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"Unknown T5Config.remat_policy {self.remat_policy!r}; expected one of "
+                f"{list(REMAT_POLICIES)}."
+            )
         if not self.mlp_activations:
             raise ValueError("T5Config.mlp_activations must name at least one activation.")
         if self.relative_attention_num_buckets < 2:

@@ -100,6 +100,24 @@ def _mlp(cfg: T5Config) -> layers.MlpBlock:
     )
 
 
+_REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _layer_class(cls: type, cfg: T5Config, static_argnums: Tuple[int, ...], decode: bool = False):
+    """`cls`, or `cls` rematerialised under `cfg.remat_policy` (training passes only).
+
+    `nn.remat` keeps the module's name, so the parameter tree is unchanged. Its static
+    arguments (`deterministic`, ...) count `self` as 0 and must be passed positionally.
+    Incremental decoding (`decode=True`) has no backward pass and is never wrapped.
+    """
+    if cfg.remat_policy == "none" or decode:
+        return cls
+    return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=static_argnums)
+
+
 def _relpos(cfg: T5Config) -> layers.RelativePositionBiases:
     return layers.RelativePositionBiases(
         num_buckets=cfg.relative_attention_num_buckets,
@@ -216,8 +234,9 @@ class Encoder(nn.Module):
         _check_prefixes(prefixes, cfg.num_encoder_layers, "encoder")
         rel_emb = _relpos(cfg)
         x = _dropout(cfg, embedded_inputs, deterministic).astype(cfg.dtype)
+        layer = _layer_class(EncoderLayer, cfg, static_argnums=(3,))
         for lyr in range(cfg.num_encoder_layers):
-            x = EncoderLayer(config=cfg, relative_embedding=rel_emb, name=f"layers_{lyr}")(
+            x = layer(config=cfg, relative_embedding=rel_emb, name=f"layers_{lyr}")(
                 x, encoder_mask, deterministic, None if prefixes is None else prefixes[lyr]
             )
         x = layers.LayerNorm(dtype=cfg.dtype, name="encoder_norm")(x)
@@ -250,16 +269,17 @@ class Decoder(nn.Module):
         rel_emb = _relpos(cfg)
         y = self.shared_embedding(decoder_input_tokens.astype("int32"))
         y = _dropout(cfg, y, deterministic).astype(cfg.dtype)
+        layer = _layer_class(DecoderLayer, cfg, static_argnums=(5, 6, 7), decode=decode)
         for lyr in range(cfg.num_decoder_layers):
-            y = DecoderLayer(config=cfg, relative_embedding=rel_emb, name=f"layers_{lyr}")(
+            y = layer(config=cfg, relative_embedding=rel_emb, name=f"layers_{lyr}")(
                 y,
                 encoded,
-                decoder_mask=decoder_mask,
-                encoder_decoder_mask=encoder_decoder_mask,
-                deterministic=deterministic,
-                decode=decode,
-                max_decode_length=max_decode_length,
-                prefix_kv=None if prefixes is None else prefixes[lyr],
+                decoder_mask,
+                encoder_decoder_mask,
+                deterministic,
+                decode,
+                max_decode_length,
+                None if prefixes is None else prefixes[lyr],
             )
         y = layers.LayerNorm(dtype=cfg.dtype, name="decoder_norm")(y)
         y = _dropout(cfg, y, deterministic)

@@ -299,6 +299,7 @@ def activation_bytes(
     embed_parallel: int = 1,
     dtype_bytes: int = 2,
     backbone_trained: bool = True,
+    remat_policy: str = "none",
 ) -> dict[str, int]:
     """Bytes of forward tensors the backward pass of one train step keeps, per device.
 
@@ -318,11 +319,21 @@ def activation_bytes(
       v of the encoder output (2*s*h*head_dim) and its softmax (h*t*s);
     * the float32 logits and their softmax (2 * t * V * 4) and the encoder output.
 
+    Rematerialised layers (`T5Config.remat_policy`) keep less per layer, and add the
+    working set of the one layer being recomputed (its count above):
+
+    * 'full': only the layer's input (n*d) and its prefix keys / values (2*p*h*head_dim);
+    * 'minimal': the outputs of weight matmuls besides: q, k, v (3*n*h*head_dim), the
+      attention and MLP output projections (2*n*d) and the MLP input projections
+      (num_mlp_inputs*n*f); in decoder layers also the cross-attention q, k, v and
+      output. Scores, softmax, activations and layer norms are recomputed.
+
     Scalars such as layer-norm statistics and masks are ignored. Float32 logits and
     layer-norm internals aside, everything is in the activation dtype.
 
     Returns:
-      `{'encoder': ..., 'decoder': ..., 'logits': ..., 'total': ...}` in bytes.
+      `{'encoder': ..., 'decoder': ..., 'logits': ..., ['recomputed layer': ...,]
+      'total': ...}` in bytes.
     """
     a = dtype_bytes
     d = math.ceil(emb_dim / embed_parallel)
@@ -349,14 +360,36 @@ def activation_bytes(
             kept += t * d + t * h * k
         return kept
 
-    encoder = num_encoder_layers * (self_attention(s) + mlp(s)) * a
-    decoder = num_decoder_layers * (self_attention(t) + cross_attention() + mlp(t)) * a
+    encoder_layer = self_attention(s) + mlp(s)
+    decoder_layer = self_attention(t) + cross_attention() + mlp(t)
+    if remat_policy != "none":
+        # One layer at a time is recomputed during the backward pass.
+        recompute = max(
+            encoder_layer if num_encoder_layers else 0, decoder_layer if num_decoder_layers else 0
+        )
+        if remat_policy == "full":
+            encoder_layer = s * d + 2 * p * h * k
+            decoder_layer = t * d + 2 * p * h * k
+        elif remat_policy == "minimal":
+            def saved(n: int) -> int:
+                return n * d + 3 * n * h * k + 2 * p * h * k + 2 * n * d + num_mlp_inputs * n * f
+
+            encoder_layer = saved(s)
+            decoder_layer = saved(t) + t * h * k + 2 * s * h * k + t * d
+        else:
+            raise ValueError(f"Unknown remat_policy {remat_policy!r}.")
+    else:
+        recompute = 0
+    encoder = num_encoder_layers * encoder_layer * a
+    decoder = num_decoder_layers * decoder_layer * a
     logits = 2 * t * v * 4 + s * d * a
     out = {
         "encoder": batch_per_device * encoder,
         "decoder": batch_per_device * decoder,
         "logits": batch_per_device * logits,
     }
+    if recompute:
+        out["recomputed layer"] = batch_per_device * recompute * a
     out["total"] = sum(out.values())
     return out
 
@@ -377,6 +410,7 @@ class MemoryPlan:
     gradient_bytes: int
     activation_bytes: int
     activation_parts: dict
+    remat_policy: str = "none"
     device_memory_bytes: Optional[int] = None
     headroom: float = 0.1
     compiled: Optional[dict] = None
@@ -400,7 +434,8 @@ class MemoryPlan:
         lines = [
             f"mesh data={self.data} x model={self.model} ({self.data * self.model} devices); "
             f"global batch {self.batch_size} ({self.batch_size // self.data} per data shard); "
-            f"lengths {lengths}; encoder sequence {self.encoder_length}",
+            f"lengths {lengths}; encoder sequence {self.encoder_length}; "
+            f"remat {self.remat_policy}",
             f"parameters: {self.trainable_params:,} trainable of {self.total_params:,}",
             "per device:",
             f"  parameters          {gib(self.param_bytes)}",
@@ -514,6 +549,7 @@ def plan_memory(
         embed_parallel=embed_parallel,
         dtype_bytes=np.dtype(cfg.dtype).itemsize,
         backbone_trained=backbone_trained,
+        remat_policy=cfg.remat_policy,
     )
     trainable_bytes = per_device_bytes(abstract.trainable)
     lengths = dict(task_feature_lengths or {})
@@ -535,6 +571,7 @@ def plan_memory(
         gradient_bytes=2 * trainable_bytes,
         activation_bytes=parts["total"],
         activation_parts=parts,
+        remat_policy=cfg.remat_policy,
         device_memory_bytes=device_memory_bytes,
         headroom=headroom,
     )

@@ -97,6 +97,25 @@ def test_prompt_tuning_bytes_match_hand_count():
     assert per_token(p) < per_token(full)
 
 
+def test_remat_policies_shrink_the_activation_estimate():
+    none, minimal, full = (
+        _plan("methods/model_tuning.gin", [f"REMAT_POLICY='{p}'"])
+        for p in ("none", "minimal", "full")
+    )
+    assert none.activation_bytes > minimal.activation_bytes > full.activation_bytes
+    assert "recomputed layer" in full.activation_parts and full.remat_policy == "full"
+    # Parameters, optimizer state and gradients do not depend on the policy.
+    assert none.param_bytes == full.param_bytes and none.gradient_bytes == full.gradient_bytes
+    # 'full' keeps one residual vector per token and layer plus one layer's working set.
+    d, s, t, rows = 128, LENGTHS["inputs"], LENGTHS["targets"], BATCH // DATA
+    kept = 4 * rows * 2 * (s * d + t * d)
+    layer = none.activation_parts["encoder"] // 2
+    assert full.activation_parts["encoder"] + full.activation_parts["decoder"] == kept
+    assert full.activation_parts["recomputed layer"] == max(
+        layer, none.activation_parts["decoder"] // 2
+    )
+
+
 def test_does_not_fit_in_tiny_memory(capsys):
     args = [
         *[f"--gin_file={g}" for g in GIN],
@@ -134,11 +153,18 @@ _COMPILE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method_gin", ["methods/model_tuning.gin", "methods/prompt_tuning.gin"])
-def test_plan_matches_compiled_sharded_step(method_gin):
+@pytest.mark.parametrize(
+    "method_gin, extra",
+    [
+        ("methods/model_tuning.gin", []),
+        ("methods/prompt_tuning.gin", []),
+        ("methods/model_tuning.gin", ["REMAT_POLICY='full'"]),
+    ],
+)
+def test_plan_matches_compiled_sharded_step(method_gin, extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    spec = json.dumps([[*GIN, method_gin], SHAPE, DATA, MODEL, BATCH, LENGTHS])
+    spec = json.dumps([[*GIN, method_gin], [*SHAPE, *extra], DATA, MODEL, BATCH, LENGTHS])
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE, spec], env=env, capture_output=True, text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
