@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # Reductions of SMoP (4 x 5) against 100-token prompt tuning on T5-large (Choi et al.,
-# 2023, Section 4 / Table 3): training time, training memory, inference FLOPs.
+# 2023, as the paper reports them): training time, training memory, inference FLOPs.
 PAPER_SMOP_VS_PT_LARGE = {"train time": 14.6, "train memory": 22.9, "inference FLOPs": 27.2}
 
 
