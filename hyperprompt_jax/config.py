@@ -39,6 +39,7 @@ def canonical_dtype(dtype: Any) -> Any:
         return _DTYPES[dtype]
     return dtype
 
+
 # Layer rematerialisation policies (see `T5Config.remat_policy`).
 REMAT_POLICIES = ("none", "minimal", "full")
 

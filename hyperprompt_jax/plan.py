@@ -295,7 +295,7 @@ def per_device_bytes(tree: PyTree, unsharded_axes: Sequence[str] = ()) -> int:
             mesh = dict(sharding.mesh.shape)
             spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
             shape = []
-            for dim, entry in zip(leaf.shape, spec):
+            for dim, entry in zip(leaf.shape, spec, strict=True):
                 axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
                 split = math.prod(mesh[a] for a in axes if a not in unsharded_axes)
                 shape.append(math.ceil(dim / split))
@@ -395,6 +395,7 @@ def activation_bytes(
             encoder_layer = s * d + 2 * p * h * k
             decoder_layer = t * d + 2 * p * h * k
         elif remat_policy == "minimal":
+
             def saved(n: int) -> int:
                 return n * d + 3 * n * h * k + 2 * p * h * k + 2 * n * d + num_mlp_inputs * n * f
 

@@ -38,8 +38,12 @@ ENCODER_LAYER = ATTENTION + MLP + 2 * D  # + two layer norms
 DECODER_LAYER = 2 * ATTENTION + MLP + 3 * D
 TOTAL_PARAMS = (
     V * D  # token embedding
-    + 2 * ENCODER_LAYER + H * BUCKETS + D  # layers, relative bias, final norm
-    + 2 * DECODER_LAYER + H * BUCKETS + D
+    + 2 * ENCODER_LAYER
+    + H * BUCKETS
+    + D  # layers, relative bias, final norm
+    + 2 * DECODER_LAYER
+    + H * BUCKETS
+    + D
     + D * V  # logits_dense
 )
 # Per device: every matrix and the relative-position biases are split in two (each has
@@ -165,7 +169,10 @@ def test_plan_matches_compiled_sharded_step(method_gin, extra):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     spec = json.dumps([[*GIN, method_gin], [*SHAPE, *extra], DATA, MODEL, BATCH, LENGTHS])
     result = subprocess.run(
-        [sys.executable, "-c", _COMPILE, spec], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", _COMPILE, spec],
+        env=env,
+        capture_output=True,
+        text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
