@@ -162,12 +162,19 @@ _COMPILE = textwrap.dedent(
     [
         ("methods/model_tuning.gin", []),
         ("methods/prompt_tuning.gin", []),
+        # 2-D parameter partitioning: gradients exist whole along `data`.
+        (
+            "methods/model_tuning.gin",
+            ["partitioning/data_parallel.gin", "PARAMETER_PARTITIONING_DIMS=2"],
+        ),
     ],
 )
 def test_plan_matches_compiled_sharded_step(method_gin, extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    spec = json.dumps([[*GIN, method_gin], [*SHAPE, *extra], DATA, MODEL, BATCH, LENGTHS])
+    files = [*GIN, method_gin, *(e for e in extra if e.endswith(".gin"))]
+    bindings = [*SHAPE, *(e for e in extra if not e.endswith(".gin"))]
+    spec = json.dumps([files, bindings, DATA, MODEL, BATCH, LENGTHS])
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE, spec],
         env=env,
