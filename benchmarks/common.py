@@ -155,16 +155,21 @@ def memory_of(compiled: Any) -> dict[str, int]:
     return out
 
 
-def rss_bytes() -> int:
-    """This process's current resident memory (`VmRSS`), in bytes (0 if unknown)."""
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A `kB` field of `/proc/self/status` (e.g. `VmRSS`) in bytes; None if unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's current resident memory (`VmRSS`), in bytes (0 if unknown)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def reset_peak_rss() -> bool:
@@ -183,13 +188,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (`VmHWM`), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

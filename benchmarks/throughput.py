@@ -398,9 +398,18 @@ def main(argv=None) -> int:
 
     rows, mfu_rows = [], []
 
-    def add(label: str, runs: list[dict], hf_t: float, hf_runs: Optional[list]) -> None:
+    def mfu_row(name: str, flops: float, t: float) -> list[str]:
+        return [
+            name,
+            f"{flops / 1e9:.1f}",
+            f"{flops / t / 1e9:.1f}",
+            f"{100 * flops / t / best:.1f}%",
+        ]
+
+    def add(
+        label: str, mfu_name: str, runs: list[dict], hf_t: float, hf_runs: Optional[list]
+    ) -> None:
         t = step_time(runs, args.max_busy)
-        flops = runs[0]["flops"] if "flops" in runs[0] else None
         hf_mem = memory(hf_runs) if hf_runs else ("-", "-")
         rows.append(
             [
@@ -414,35 +423,19 @@ def main(argv=None) -> int:
                 + (f" / {statistics.median(o['first'] for o in hf_runs):.1f}" if hf_runs else ""),
             ]
         )
-        if flops:
-            name = label if "(" in label else f"{label}, ours float32"
-            mfu_rows.append(
-                [
-                    name,
-                    f"{flops / 1e9:.1f}",
-                    f"{flops / t / 1e9:.1f}",
-                    f"{100 * flops / t / best:.1f}%",
-                ]
-            )
+        mfu_rows.append(mfu_row(mfu_name, runs[0]["flops"], t))
 
     for method in methods:
         ours = results[(method, "ours", "float32")]
         hf = results[(method, "hf", "-")]
         hf_t = step_time(hf, args.max_busy)
-        add(f"{method}", ours, hf_t, hf)
+        add(method, f"{method}, ours float32", ours, hf_t, hf)
         for v in variants:
             if v != "float32":
-                add(f"{method} (ours {v})", results[(method, "ours", v)], hf_t, None)
+                label = f"{method} (ours {v})"
+                add(label, label, results[(method, "ours", v)], hf_t, None)
         # HF runs the same computation: our XLA FLOP count is its model FLOPs too.
-        flops = ours[0]["flops"]
-        mfu_rows.append(
-            [
-                f"{method}, HF",
-                f"{flops / 1e9:.1f}",
-                f"{flops / hf_t / 1e9:.1f}",
-                f"{100 * flops / hf_t / best:.1f}%",
-            ]
-        )
+        mfu_rows.append(mfu_row(f"{method}, HF", ours[0]["flops"], hf_t))
     print(
         "\nCPU share used by other processes during the runs: min "
         f"{min(loads):.0%}, median {statistics.median(loads):.0%}, max {max(loads):.0%}\n"

@@ -18,41 +18,26 @@ state updated in place.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 
 import jax
 
-import gin
-from hyperprompt_jax import gin_utils, optim, partitioning, utils
-from hyperprompt_jax import trainer as trainer_lib
-
-METHODS = {
-    "model_tuning": "methods/model_tuning.gin",
-    "prompt_tuning": "methods/prompt_tuning.gin",
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
-def make_shapes(b: int, i: int, t: int) -> dict:
-    return {
-        "encoder_input_tokens": (b, i),
-        "decoder_input_tokens": (b, t),
-        "decoder_target_tokens": (b, t),
-        "decoder_loss_weights": (b, t),
-        "task_ids": (b,),
-    }
+def report(model_gin: str, method: str, batch_size: int, lengths: dict) -> dict:
+    """`Trainer.memory_report()` of `method` (a `common.METHODS` name) on one device."""
+    from hyperprompt_jax import partitioning
 
-
-def report(model_gin: str, method_gin: str, shapes: dict) -> dict:
-    utils.import_task_modules()
-    gin_utils.parse_gin([model_gin, method_gin], [])
-    model = gin_utils.configured("MODEL")
-    trainer = trainer_lib.Trainer(
-        model,
-        gin.get_configurable(optim.adafactor),
-        gin.get_configurable(optim.create_learning_rate_scheduler)(),
-        partitioning.Partitioner(devices=jax.devices()[:1]),
-        shapes,
-        trainable_patterns=gin_utils.query_macro("TRAINABLE_PATTERNS", None),
+    trainer = common.build_trainer(
+        model_gin,
+        method,
+        batch_size,
+        lengths,
+        partitioner=partitioning.Partitioner(devices=jax.devices()[:1]),
     )
     return trainer.memory_report()
 
@@ -67,11 +52,12 @@ def main() -> None:
     args = parser.parse_args()
     b, i, t = args.batch_size, args.inputs_length, args.targets_length
     rows = {
-        "model_tuning": report(args.model, METHODS["model_tuning"], make_shapes(b, i, t)),
+        "model_tuning": report(args.model, "model_tuning", b, {"inputs": i, "targets": t}),
         "prompt_tuning": report(
             args.model,
-            METHODS["prompt_tuning"],
-            make_shapes(b, i - 100 if args.prompt_in_budget else i, t),
+            "prompt_tuning",
+            b,
+            {"inputs": i - 100 if args.prompt_in_budget else i, "targets": t},
         ),
     }
     print(f"prompt in the encoder budget: {args.prompt_in_budget}")
