@@ -2,7 +2,7 @@
 
 Every benchmark prints `machine_header()` first (CPU, cores, memory, load, library
 versions), so a table is never separated from where and with what it was measured,
-then Markdown tables (`markdown_table`) that paste into the README unchanged.
+then Markdown tables (`markdown_table`) that paste into docs/benchmarks.md unchanged.
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def activation_bytes(
     Rematerialised layers (`T5Config.remat_policy`) keep less per layer, and add the
     working set of the one layer being recomputed (its count above). This is what a
     memory-aware scheduler (XLA:TPU's) achieves; XLA:CPU schedules recomputation early
-    and saves less or nothing (README, "Benchmarks"), so `--verify` cannot confirm it:
+    and saves less or nothing (docs/benchmarks.md), so `--verify` cannot confirm it:
 
     * 'full': only the layer's input (n*d) and its prefix keys / values (2*p*h*head_dim);
     * 'minimal': the outputs of weight matmuls besides: q, k, v (3*n*h*head_dim), the
@@ -774,7 +774,7 @@ def verify_by_depth(argv: Sequence[str], devices: int, num_layers: int) -> dict:
     state and the per-layer activations grow linearly with depth; two reduced-depth
     compiles give the slope and intercept. This makes a T5-XXL check take minutes
     instead of the better part of an hour (the full 24 + 24-layer compile on 256 fake
-    devices took 32 minutes here, and the extrapolation matched it; see the README).
+    devices took 32 minutes here, and the extrapolation matched it; see docs/benchmarks.md).
     """
     lo, hi = ANALOG_LAYERS
     small, large = _verify(argv, devices, lo), _verify(argv, devices, hi)

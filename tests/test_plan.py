@@ -211,7 +211,7 @@ XXL = ["--gin_file=models/t5_1_1_xxl.gin", "--task_feature_lengths=inputs:512,ta
 )
 def test_t5_xxl_pod_slice_files(pod_gin, method_gin, fits, capsys):
     """The pod-slice files name their slice and batch; the plan (abstract: nothing is
-    allocated for 11B parameters) gives the README's verdicts."""
+    allocated for 11B parameters) gives the verdicts in docs/benchmarks.md."""
     args = [*XXL, f"--gin_file={method_gin}", "--gin.NUM_TASKS=8", f"--gin_file={pod_gin}"]
     assert plan.main(args) == (0 if fits else 2)
     out = capsys.readouterr().out

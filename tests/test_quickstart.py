@@ -5,7 +5,7 @@ Training runs as a user would run it, `python -m hyperprompt_jax.train
 by relative name in the installed package). The test checks the model directory's
 files (DESIGN.md's contract) and the final score table; then the eval and infer entry
 points run on that directory. The full-length numbers (HyperPrompt 100% on every task,
-model tuning without task conditioning far below) are in the README (Quickstart).
+model tuning without task conditioning far below) are in docs/training.md (Quickstart).
 """
 
 from __future__ import annotations
