@@ -36,12 +36,17 @@ def _metadata_tree(item_dir: str) -> Mapping[str, Any]:
 
 
 def _flatten(tree: Any, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
+    """`{path: leaf}`; mappings by key, lists and tuples (optax states) by position."""
     if isinstance(tree, Mapping):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, prefix + (str(key),)))
-        return out
-    return {prefix: tree}
+        items = [(str(k), v) for k, v in tree.items()]
+    elif isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
+        items = [(str(i), v) for i, v in enumerate(tree)]
+    else:
+        return {prefix: tree}
+    out = {}
+    for key, value in items:
+        out.update(_flatten(value, prefix + (key,)))
+    return out
 
 
 def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Dict[str, Any]:
