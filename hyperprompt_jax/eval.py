@@ -28,7 +28,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import seqio
-import tensorflow as tf
 
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import summaries, utils
@@ -251,42 +250,65 @@ def load_for_inference(
 
 
 def load_params(trainer: trainer_lib.Trainer, path: str) -> tuple[int, Any]:
-    """Parameters from a model dir / train checkpoint / t5x checkpoint / HF directory.
+    """Parameters only (no optimizer state), read straight into the trainer's shardings.
+
+    `path`: a model directory (its newest intact checkpoint), a train checkpoint of
+    this package (full or trainable-only: its backbone is reloaded and verified), a t5x
+    checkpoint (legacy or Orbax format), or a Hugging Face T5 directory.
 
     Returns:
-      `(step, params)`.
+      `(step, params)`; step is 0 for imported weights.
 
     Raises:
-      ValueError: for a path that holds none of them, or weights that do not fit.
+      UserError: for a path that holds none of them, or weights that do not fit.
     """
     from hyperprompt_jax import checkpoints
+    from hyperprompt_jax.errors import UserError
 
     if not path:
-        raise ValueError("CHECKPOINT_PATH is not set.")
-    step_dir = latest_train_checkpoint(path)
-    if step_dir is not None:
-        step = int(os.path.basename(step_dir.rstrip("/")).rsplit("_", 1)[1])
-        return step, utils.restore_params(step_dir, trainer.layout.param_shardings)
-    if tf.io.gfile.exists(os.path.join(path, "config.json")):
-        _, weights = checkpoints.load_hf_t5(path)
-    else:
-        weights = checkpoints.load_t5x_checkpoint(path)
-    return 0, trainer.init_state_from_params(weights, source=path).params
+        raise UserError("CHECKPOINT_PATH is not set.")
+    found, directory = checkpoints.resolve(path, what="CHECKPOINT_PATH")
+    if found != checkpoints.discovery.TRAIN:
+        _, _, source = checkpoints.open_weights(directory, what="CHECKPOINT_PATH")
+        return 0, trainer.params_from_source(source, path)
+    step = checkpoints.parse_step(directory) or 0
+    meta = checkpoints.backbone.read_step_metadata(directory)
+    ref = meta.get("backbone")
+    if ref is None:
+        return step, checkpoints.restore_params(directory, trainer.layout.param_shardings)
+    # Trainable-only: the trained parameters from the checkpoint, the frozen ones from
+    # the backbone it references (verified against its fingerprint).
+    own = checkpoints.orbax_source.OrbaxSource(
+        os.path.join(directory, checkpoints.discovery.TRAIN_ITEM),
+        roots=("trainable",),
+        description=f"train checkpoint {directory}",
+    )
+    abstract = trainer.abstract_params()
+    trainable = checkpoints.flatten_params(trainer.layout.abstract.trainable)
+    if set(own.tensors) != set(trainable) or any(
+        own.tensors[n].shape != trainable[n].shape for n in trainable
+    ):
+        raise UserError(
+            f"Checkpoint {directory} does not fit the model's trainable parameters (another "
+            "model, method or TRAINABLE_PATTERNS?); use the gin files of the run that wrote it."
+        )
+    flat = own.load({n: (abstract[n].sharding, abstract[n].dtype) for n in trainable})
+    frozen = checkpoints.train_state.frozen_from_ref(
+        trainer, checkpoints.BackboneRef.from_json(ref), os.path.dirname(directory)
+    )
+    flat.update(checkpoints.flatten_params(frozen))
+    return step, checkpoints.unflatten_params(flat)
 
 
 def latest_train_checkpoint(path: str) -> str | None:
-    """`path` if it is a train checkpoint, else the newest one inside it, else None."""
-    if utils.is_train_checkpoint(path):
+    """`path` if it is a train checkpoint, else the newest intact one inside it, else None."""
+    from hyperprompt_jax import checkpoints
+
+    if checkpoints.is_train_checkpoint(path):
         return path
-    if not tf.io.gfile.isdir(path):
-        return None
-    steps = []
-    for name in tf.io.gfile.listdir(path):
-        prefix, _, number = name.rstrip("/").rpartition("_")
-        if prefix == utils.CHECKPOINT_PREFIX and number.isdigit():
-            if utils.is_train_checkpoint(os.path.join(path, name)):
-                steps.append(int(number))
-    return os.path.join(path, f"{utils.CHECKPOINT_PREFIX}_{max(steps)}") if steps else None
+    _, chosen, skipped = checkpoints.newest_intact(path, kinds=(checkpoints.discovery.TRAIN,))
+    checkpoints.discovery.warn_skipped(skipped, chosen)
+    return chosen
 
 
 def model_input_shapes(

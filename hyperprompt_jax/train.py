@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 import seqio
-import tensorflow as tf
 
 import gin
+from hyperprompt_jax import checkpoints
 from hyperprompt_jax import eval as eval_lib
 from hyperprompt_jax import gin_utils, optim, summaries, utils
 from hyperprompt_jax import partitioning as partitioning_lib
@@ -90,6 +90,7 @@ def train(
     random_seed: int = 0,
     decoder_params: Mapping[str, Any] | None = None,
     feature_converter: seqio.FeatureConverter | None = None,
+    self_contained_checkpoints: bool = False,
 ) -> TrainResult:
     """Trains (or resumes) a model; the gin-configured core of the train entry point.
 
@@ -116,6 +117,9 @@ def train(
       random_seed: parameter initialisation and dropout.
       decoder_params: extra arguments of the decode function during evaluation.
       feature_converter: default `EncDecTaskIdFeatureConverter` (adds `task_ids`).
+      self_contained_checkpoints: with frozen parameters, write them into every train
+        checkpoint too (default: trainable-only checkpoints that reference the backbone;
+        see `hyperprompt_jax.checkpoints.train_state`).
 
     Returns:
       A `TrainResult`.
@@ -147,7 +151,7 @@ def train(
         trainable_patterns=trainable_patterns,
         seed=random_seed,
     )
-    checkpointer = utils.Checkpointer(model_dir, keep)
+    checkpointer = checkpoints.Checkpointer(model_dir, keep)
     try:
         return _train_loop(
             trainer=trainer,
@@ -163,39 +167,24 @@ def train(
             log_period=log_period,
             initial_checkpoint_path=initial_checkpoint_path,
             decoder_params=decoder_params,
+            self_contained=self_contained_checkpoints,
         )
     finally:
         checkpointer.close()
 
 
-def _initial_state(trainer, checkpointer, initial_checkpoint_path):
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logger.info("Resuming from %s/checkpoint_%d.", checkpointer.model_dir, latest)
-        try:
-            return checkpointer.restore(latest, trainer.layout.abstract)
-        except (ValueError, KeyError) as error:
-            raise ValueError(
-                f"MODEL_DIR {checkpointer.model_dir} holds checkpoint_{latest} of another "
-                "model, method or TRAINABLE_PATTERNS; use a new MODEL_DIR (or the gin files "
-                f"of that run). Restoring failed with: {error}"
-            ) from error
-    if initial_checkpoint_path:
-        from hyperprompt_jax import checkpoints
-
-        logger.info("Initialising the backbone from %s.", initial_checkpoint_path)
-        if tf.io.gfile.exists(os.path.join(initial_checkpoint_path, "config.json")):
-            _, weights = checkpoints.load_hf_t5(initial_checkpoint_path)
-        else:
-            weights = checkpoints.load_t5x_checkpoint(initial_checkpoint_path)
-        return trainer.init_state_from_params(weights, source=initial_checkpoint_path)
-    return trainer.init_state()
+def _initial_state(trainer, checkpointer, initial_checkpoint_path, self_contained=False):
+    """Resume, or the initial checkpoint, or a fresh initialisation (see
+    `checkpoints.train_state.initial_state`)."""
+    return checkpoints.train_state.initial_state(
+        trainer, checkpointer, initial_checkpoint_path, self_contained
+    )
 
 
 def _train_loop(
     *,
     trainer: trainer_lib.Trainer,
-    checkpointer: utils.Checkpointer,
+    checkpointer: checkpoints.Checkpointer,
     converter: seqio.FeatureConverter,
     train_dataset_cfg: utils.DatasetConfig,
     model_dir: str,
@@ -207,6 +196,7 @@ def _train_loop(
     log_period: int,
     initial_checkpoint_path: str | None,
     decoder_params: Mapping[str, Any] | None,
+    self_contained: bool = False,
 ) -> TrainResult:
     chief = jax.process_index() == 0
     evaluation = None
@@ -214,7 +204,7 @@ def _train_loop(
         evaluation = eval_lib.SeqioEvaluation(
             eval_dataset_cfg, converter, trainer, eval_num_examples, decoder_params
         )
-    state = _initial_state(trainer, checkpointer, initial_checkpoint_path)
+    state = _initial_state(trainer, checkpointer, initial_checkpoint_path, self_contained)
     step = int(jax.device_get(state.step))
     trainable, total = _param_counts(trainer)
     logger.info(

@@ -36,6 +36,7 @@ from flax import traverse_util
 from hyperprompt_jax import checkpoints as checkpoints_lib
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import trainable as trainable_lib
+from hyperprompt_jax.errors import UserError
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -45,6 +46,11 @@ OptimizerDef = Callable[[Schedule], optax.GradientTransformation]
 # Top-level parameter names of the method hooks (`network.Transformer.prompt` /
 # `.hyperprompt`). An initial checkpoint supplies everything else (the backbone).
 METHOD_PARAM_ROOTS = ("prompt", "hyperprompt")
+
+
+def is_method_param(name: str) -> bool:
+    """True for a '/'-joined parameter name under a method hook."""
+    return name.split("/", 1)[0] in METHOD_PARAM_ROOTS
 
 
 @flax.struct.dataclass
@@ -251,48 +257,115 @@ class Trainer:
         )
         return fn(self._init_key)
 
-    def init_state_from_params(self, loaded: Mapping[str, Any], source: str) -> TrainState:
-        """A train state whose backbone comes from `loaded` and method parameters are fresh.
+    def abstract_params(self) -> dict:
+        """Flat `{name: ShapeDtypeStruct(shape, dtype, sharding)}` of every parameter."""
+        return checkpoints_lib.flatten_params(self.param_shapes)
+
+    def fresh_params(self, names: Sequence[str]) -> dict:
+        """Flat `{name: jax.Array}` of freshly initialised `names` only.
+
+        One jitted initialisation whose outputs are just `names`, placed by
+        `out_shardings`: XLA drops the initialisers of every other parameter, so the
+        rest of the model is never materialised.
+        """
+        names = sorted(names)
+        if not names:
+            return {}
+        abstract = self.abstract_params()
+
+        def init(rng):
+            flat = checkpoints_lib.flatten_params(
+                flax.core.unfreeze(self._variables(rng)["params"])
+            )
+            return {name: flat[name] for name in names}
+
+        fn = self.partitioner.jit(
+            init, in_shardings=None, out_shardings={n: abstract[n].sharding for n in names}
+        )
+        return fn(self._init_key)
+
+    def _check_loadable(self, stored: Mapping[str, Sequence[int]], source: str) -> None:
+        """UserError unless `stored` is the whole backbone (+ method params the model has)."""
+        model_flat = self.abstract_params()
+        expected = {k: v for k, v in model_flat.items() if not is_method_param(k)}
+        expected.update(
+            {k: model_flat[k] for k in stored if is_method_param(k) and k in model_flat}
+        )
+        checkpoints_lib.check_params_match(stored, expected, source=source)
+
+    def params_from_source(self, loaded: Any, source: str) -> PyTree:
+        """The full parameter tree: the backbone (and any method parameters) from
+        `loaded`, read straight into the parameter shardings and cast to the model's
+        dtypes; the remaining method parameters initialised fresh. No optimizer state.
 
         Args:
-          loaded: nested dict of arrays (a t5x or Hugging Face checkpoint's weights).
-          source: where they came from (for error messages).
+          loaded: a `checkpoints.WeightSource` (lazy) or a nested dict of arrays.
+          source: where the weights came from (for error messages).
 
         Raises:
-          ValueError: if a backbone parameter is missing or has the wrong shape, or the
+          UserError: if a backbone parameter is missing or has the wrong shape, or the
             checkpoint has parameters the model lacks (all listed).
         """
-        model_flat = checkpoints_lib.flatten_params(self.param_shapes)
-        loaded_flat = checkpoints_lib.flatten_params(loaded)
-        is_method = lambda name: name.split("/", 1)[0] in METHOD_PARAM_ROOTS  # noqa: E731
-        backbone = {k: v for k, v in model_flat.items() if not is_method(k)}
-        # The backbone must be complete; method parameters in the checkpoint (e.g. a
-        # transferred prompt) are used when the model has them with the same shape.
-        expected = dict(backbone)
-        expected.update({k: model_flat[k] for k in loaded_flat if is_method(k) and k in model_flat})
-        checkpoints_lib.check_params_match(
-            loaded_flat, expected, source=f"initial checkpoint {source}"
-        )
-        state = self.init_state()
-        shardings = checkpoints_lib.flatten_params(self.layout.param_shardings)
-        fresh = checkpoints_lib.flatten_params(state.params)
-        for name, value in loaded_flat.items():
-            dtype = model_flat[name].dtype
-            fresh[name] = jax.make_array_from_callback(
-                tuple(value.shape),
-                shardings[name],
-                lambda index, v=value, d=dtype: np.asarray(v[index], dtype=d),
-            )
-        params = checkpoints_lib.unflatten_params(fresh)
+        if not isinstance(loaded, checkpoints_lib.WeightSource):
+            loaded = checkpoints_lib.array_source(loaded, source)
+        self._check_loadable(loaded.shapes(), f"initial checkpoint {source}")
+        abstract = self.abstract_params()
+        flat = loaded.load({n: (abstract[n].sharding, abstract[n].dtype) for n in loaded.tensors})
+        flat.update(self.fresh_params(set(abstract) - set(flat)))
+        return checkpoints_lib.unflatten_params(flat)
+
+    def state_from_params(self, params: PyTree, step: int | jax.Array = 0) -> TrainState:
+        """A train state around sharded `params`: split by the mask, fresh optimizer
+        state (jitted, placed by `out_shardings`)."""
         trainable, frozen = split_params(params, self.layout.mask)
         opt_init = self.partitioner.jit(
             self.optimizer.init,
             in_shardings=(self.layout.shardings.trainable,),
             out_shardings=self.layout.shardings.opt_state,
         )
-        return TrainState(
-            step=state.step, trainable=trainable, frozen=frozen, opt_state=opt_init(trainable)
+        step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)
+        return TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_init(trainable))
+
+    def init_state_from_params(self, loaded: Any, source: str) -> TrainState:
+        """A train state whose backbone comes from `loaded` and method parameters are fresh.
+
+        Nothing is initialised randomly first: checkpoint parameters are read straight
+        into their shardings, only the missing (method) parameters are initialised.
+
+        Args:
+          loaded: a `checkpoints.WeightSource` or nested dict of arrays (a t5x or
+            Hugging Face checkpoint's weights).
+          source: where they came from (for error messages).
+
+        Raises:
+          UserError: if a backbone parameter is missing or has the wrong shape, or the
+            checkpoint has parameters the model lacks (all listed).
+        """
+        return self.state_from_params(self.params_from_source(loaded, source))
+
+    def frozen_from_source(self, loaded: Any, source: str) -> PyTree:
+        """Only the frozen parameters, read from `loaded` into their shardings (resume of
+        a trainable-only checkpoint)."""
+        if not isinstance(loaded, checkpoints_lib.WeightSource):
+            loaded = checkpoints_lib.array_source(loaded, source)
+        abstract = checkpoints_lib.flatten_params(self.layout.abstract.frozen)
+        missing = sorted(set(abstract) - set(loaded.tensors))
+        wrong = sorted(
+            n for n in abstract if n in loaded.tensors and tuple(loaded.tensors[n].shape) != abstract[n].shape
         )
+        if missing or wrong:
+            raise UserError(
+                f"The backbone {source} does not fit the model's frozen parameters: "
+                f"missing {missing[:5]}, wrong shapes {wrong[:5]}."
+            )
+        from_file = [n for n in abstract if n in loaded.tensors]
+        flat = loaded.load({n: (abstract[n].sharding, abstract[n].dtype) for n in from_file})
+        return checkpoints_lib.unflatten_params(flat)
+
+    def frozen_fresh(self) -> PyTree:
+        """The frozen parameters, initialised from the seed (a backbone without file)."""
+        names = checkpoints_lib.flatten_params(self.layout.abstract.frozen)
+        return checkpoints_lib.unflatten_params(self.fresh_params(list(names)))
 
     # ----------------------------------------------------------------------------------
     # Steps
