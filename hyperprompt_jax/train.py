@@ -167,6 +167,13 @@ def train(
     converter = feature_converter or data.default_feature_converter(
         train_dataset_cfg.pack, num_tasks=num_tasks
     )
+    partitioner = partitioner or partitioning_lib.Partitioner()
+    for cfg, macro in ((train_dataset_cfg, "BATCH_SIZE"), (eval_dataset_cfg, "EVAL_BATCH_SIZE")):
+        if cfg is not None:
+            try:
+                partitioner.check_batch_size(cfg.batch_size)
+            except ValueError as e:
+                raise UserError(str(e).replace("BATCH_SIZE", macro, 1)) from None
     with model_dir_lib.RunLock(model_dir, "train"):
         trainer = trainer_lib.from_gin(
             evaluation_lib.model_input_shapes(converter, train_dataset_cfg),
@@ -432,15 +439,15 @@ class _TrainLoop:
                 total,
                 trainer_lib.tree_bytes(trainer.layout.abstract.opt_state) / 1e6,
             )
-            self.writer = summaries.MetricsWriter(
-                self.model_dir, self.total_steps, self.cfg.batch_size
-            )
-            self.writer.start(step)
             evaluated_at_end = self.evaluation is None or step in self.history.by_step
             if step >= self.total_steps and evaluated_at_end:
                 logger.info("Already at step %d = TRAIN_STEPS, evaluated; nothing to do.", step)
                 self.last_eval = self.history.by_step.get(step, {})
                 return self._finish(step, chief, write_config=False)
+            self.writer = summaries.MetricsWriter(
+                self.model_dir, self.total_steps, self.cfg.batch_size
+            )
+            self.writer.start(step)
             stopped_early = self.patience_exhausted()
             if stopped_early:
                 logger.info(
@@ -496,7 +503,8 @@ class _TrainLoop:
     ) -> TrainResult:
         if write_config:
             _write_config(self.model_dir)
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         best = dict(self.checkpointer.best)
         if chief and (self.last_eval or best):
             print(
