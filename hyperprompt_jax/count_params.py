@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperprompt_jax import gin_utils, trainable
+from hyperprompt_jax.errors import UserError
 
 PyTree = Any
 
@@ -79,6 +80,7 @@ def count_params(
         selects nothing, or any configuration error the model raises at init.
     """
     gin_utils.parse_gin(gin_files, gin_bindings, search_paths)
+    gin_utils.check_macro_bindings(gin_bindings)
     module = gin_utils.configured("MODEL").module
     patterns = gin_utils.query_macro("TRAINABLE_PATTERNS", None)
     params = param_shapes(module)
@@ -101,16 +103,28 @@ def format_table(rows: Dict[str, Tuple[int, int]], train: int, total: int) -> st
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    files, bindings, paths = gin_utils.flags_to_gin(argv)
-    if not files:
-        raise SystemExit(
-            "usage: python -m hyperprompt_jax.count_params --gin_file=models/... "
-            "--gin_file=methods/... [--gin.NAME=VALUE ...]"
-        )
-    train, total, rows = count_params(files, bindings, paths)
-    print(format_table(rows, train, total))
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m hyperprompt_jax.count_params --gin_file=... [--gin.NAME=VALUE ...]`.
+
+    Gin errors, unknown gin files and misspelt macros (`--gin.PROMPT_LENGHT=20`) end with
+    one `error: ...` line and exit code 1, as in the train launcher.
+    """
+    from hyperprompt_jax import launch
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> None:
+        files, bindings, paths = gin_utils.flags_to_gin(argv)
+        if not files:
+            raise UserError(
+                "usage: python -m hyperprompt_jax.count_params --gin_file=models/... "
+                "--gin_file=methods/... [--gin.NAME=VALUE ...]"
+            )
+        train, total, rows = count_params(files, bindings, paths)
+        print(format_table(rows, train, total))
+
+    return launch.report_errors(run)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
+from hyperprompt_jax.errors import UserError
+
 TASK_ID_FEATURE = "task_id"
 TASK_IDS_MODEL_FEATURE = "task_ids"
 
@@ -51,13 +53,13 @@ class EncDecTaskIdFeatureConverter(seqio.EncDecFeatureConverter):
         if default_task_id is not None and (
             not isinstance(default_task_id, int) or default_task_id < 0
         ):
-            raise ValueError(
+            raise UserError(
                 f"default_task_id must be a non-negative int or None, got {default_task_id!r}."
             )
         if num_tasks is not None and num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+            raise UserError(f"num_tasks must be >= 1, got {num_tasks}.")
         if num_tasks is not None and default_task_id is not None and default_task_id >= num_tasks:
-            raise ValueError(f"default_task_id {default_task_id} is not < num_tasks {num_tasks}.")
+            raise UserError(f"default_task_id {default_task_id} is not < num_tasks {num_tasks}.")
         super().__init__(pack=pack, **kwargs)
         self._default_task_id = default_task_id
         self._num_tasks = num_tasks
@@ -72,13 +74,13 @@ class EncDecTaskIdFeatureConverter(seqio.EncDecFeatureConverter):
         spec = ds.element_spec
         if TASK_ID_FEATURE in spec:
             if spec[TASK_ID_FEATURE].dtype != tf.int32 or spec[TASK_ID_FEATURE].shape.rank != 0:
-                raise ValueError(
+                raise UserError(
                     f"Feature '{TASK_ID_FEATURE}' must be an int32 scalar per example, got "
                     f"{spec[TASK_ID_FEATURE]}."
                 )
             return ds
         if self._default_task_id is None:
-            raise ValueError(
+            raise UserError(
                 f"The dataset has no '{TASK_ID_FEATURE}' feature and default_task_id is None. "
                 "Use a multi-task mixture (e.g. hp_glue_v002_multitask) or a '_task_id' task, "
                 "or set default_task_id."
@@ -91,7 +93,7 @@ class EncDecTaskIdFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> tf.data.Dataset:
         if self.pack:
             if TASK_ID_FEATURE in ds.element_spec:
-                raise ValueError(
+                raise UserError(
                     "EncDecTaskIdFeatureConverter(pack=True) cannot keep task ids: packing "
                     "puts examples of different tasks into one row, which has one task id. "
                     "Use pack=False (the prompt-tuning / HyperPrompt recipe) for data with "

@@ -17,6 +17,7 @@ import tokenize
 from typing import Any, Iterable, Optional, Sequence
 
 import gin
+from hyperprompt_jax.errors import UserError
 
 
 def _package_gin_dir() -> str:
@@ -80,9 +81,9 @@ def parse_gin(
         if not os.path.isabs(f) and not any(os.path.exists(os.path.join(p, f)) for p in paths):
             close = difflib.get_close_matches(f, _available_gin_files(), n=5, cutoff=0.4)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(f"gin file {f!r} not found in {paths}.{hint}")
+            raise UserError(f"gin file {f!r} not found in {paths}.{hint}")
         if os.path.isabs(f) and not os.path.exists(f):
-            raise ValueError(f"gin file {f!r} does not exist.")
+            raise UserError(f"gin file {f!r} does not exist.")
     root_logger = logging.getLogger()
     root_logger.addFilter(_quiet_search_misses)
     try:
@@ -90,9 +91,9 @@ def parse_gin(
             list(gin_files), list(gin_bindings), finalize_config=finalize
         )
     except tokenize.TokenError as e:  # e.g. an unclosed bracket; gin gives no location
-        raise ValueError(f"Invalid gin configuration: {_unparsable(gin_bindings, e)}") from None
+        raise UserError(f"Invalid gin configuration: {_unparsable(gin_bindings, e)}") from None
     except (ValueError, SyntaxError, KeyError, ImportError, TypeError) as e:
-        raise ValueError(f"Invalid gin configuration: {e}") from e
+        raise UserError(f"Invalid gin configuration: {e}") from e
     finally:
         root_logger.removeFilter(_quiet_search_misses)
 
@@ -123,7 +124,7 @@ def query_macro(name: str, default: Any = gin.REQUIRED) -> Any:
         return gin.query_parameter(f"%{name}")
     except ValueError:
         if default is gin.REQUIRED:
-            raise ValueError(f"gin macro {name} is not set; add --gin.{name}=...") from None
+            raise UserError(f"gin macro {name} is not set; add --gin.{name}=...") from None
         return default
 
 
@@ -158,13 +159,54 @@ def flags_to_gin(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
         elif arg.startswith("--gin."):
             binding = arg[len("--gin.") :]
             if "=" not in binding:
-                raise ValueError(f"Malformed binding {arg!r}; expected --gin.NAME=VALUE.")
+                raise UserError(f"Malformed binding {arg!r}; expected --gin.NAME=VALUE.")
             bindings.append(binding)
         elif arg.startswith("--gin_bindings="):
             bindings.append(arg.split("=", 1)[1])
         else:
-            raise ValueError(
+            raise UserError(
                 f"Unknown flag {arg!r}; expected --gin_file=F, --gin.NAME=VALUE or "
                 "--gin_search_paths=DIRS."
             )
     return files, bindings, paths
+
+
+# Macros read by code (`gin_utils.query_macro`) rather than by a gin binding.
+CODE_MACROS = ("TRAINABLE_PATTERNS",)
+
+
+def _macro_references(value, out: set) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.selector == "gin.macro":
+            out.add(value.scoped_selector.split("/", 1)[0])
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            _macro_references(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _macro_references(v, out)
+
+
+def check_macro_bindings(bindings: Sequence[str]) -> None:
+    """Rejects `--gin.NAME=VALUE` for a macro NAME that no binding uses (a typo).
+
+    gin accepts any new macro silently, so `--gin.TRAIN_STEPZ=10` would otherwise be
+    ignored. Bindings of configurable parameters (`a.b.c=...`) are checked by gin.
+
+    Raises:
+      UserError: naming the macro and the closest used ones.
+    """
+    config = gin.config._CONFIG  # noqa: SLF001 (gin has no public listing API)
+    defined = {scope for scope, selector in config if selector == "gin.macro"}
+    used = set(CODE_MACROS)
+    for params in config.values():
+        _macro_references(params, used)
+    for binding in bindings:
+        name = binding.split("=", 1)[0].strip()
+        if "." in name or "/" in name or name not in defined or name in used:
+            continue
+        close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(
+            f"--gin.{name}: no gin binding uses the macro {name}, so it would have no effect.{hint}"
+        )

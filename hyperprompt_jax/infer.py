@@ -20,16 +20,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from hyperprompt_jax import eval as eval_lib
+from hyperprompt_jax import data, gin_utils
+from hyperprompt_jax import evaluation as evaluation_lib
+from hyperprompt_jax import model_dir as model_dir_lib
 from hyperprompt_jax import partitioning as partitioning_lib
-from hyperprompt_jax import utils
+from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
 
@@ -38,28 +40,58 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def read_input_file(path: str, default_task_id: int) -> list[tuple[str, int]]:
+def _check_task_id(value: Any, num_tasks: int | None, where: str) -> int:
+    """A task id from user input: an int (not a bool, float, string or null) in range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{where}: task_id must be an integer, got {value!r}.")
+    if value < 0 or (num_tasks is not None and value >= num_tasks):
+        limit = f"NUM_TASKS={num_tasks}" if num_tasks is not None else "the number of tasks"
+        raise UserError(
+            f"{where}: task_id {value} is out of range: expected 0 <= task_id < {limit}."
+        )
+    return value
+
+
+def read_input_file(
+    path: str, default_task_id: int, num_tasks: int | None = None
+) -> list[tuple[str, int]]:
     """`[(text, task_id)]` from a text or JSON-lines file (see the module docstring).
 
+    Args:
+      path: the file.
+      default_task_id: task id of plain-text lines (gin `TASK_ID`).
+      num_tasks: NUM_TASKS of a task-conditioned model (None: ids only need be >= 0).
+
     Raises:
-      ValueError: a missing file, or a JSON line without a string `inputs`.
+      UserError: a missing file or a directory, a line that is not UTF-8, invalid JSON,
+        a JSON line without a string `inputs`, or a bad task id (naming file and line).
     """
     if not tf.io.gfile.exists(path):
-        raise ValueError(f"INPUT_FILE {path!r} does not exist.")
+        raise UserError(f"INPUT_FILE {path!r} does not exist.")
+    if tf.io.gfile.isdir(path):
+        raise UserError(f"INPUT_FILE {path!r} is a directory; expected a text file.")
+    _check_task_id(default_task_id, num_tasks, "TASK_ID")
     out = []
-    with tf.io.gfile.GFile(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{where}: not UTF-8 text ({e.reason} at byte {e.start})."
+                ) from None
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
+                    raise UserError(f"{where}: invalid JSON: {e}") from None
                 if not isinstance(record.get("inputs"), str):
-                    raise ValueError(f"{path}:{number}: expected a string 'inputs' field.")
-                out.append((record["inputs"], int(record.get("task_id", default_task_id))))
+                    raise UserError(f"{where}: expected a string 'inputs' field.")
+                tid = _check_task_id(record.get("task_id", default_task_id), num_tasks, where)
+                out.append((record["inputs"], tid))
             else:
                 out.append((line, default_task_id))
     return out
@@ -67,34 +99,37 @@ def read_input_file(path: str, default_task_id: int) -> list[tuple[str, int]]:
 
 def _file_features(
     texts: Sequence[tuple[str, int]], vocabulary: Any, lengths: Mapping[str, int]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Model features of each input line (EOS appended after trimming, as seqio)."""
+) -> list[dict[str, np.ndarray]]:
+    """Model features of each input line (EOS appended after trimming, as seqio).
+
+    Logs once how many inputs were longer than `lengths['inputs']` and were cut.
+    """
     in_len, out_len = lengths["inputs"], lengths["targets"]
+    out, cut = [], 0
     for text, task_id in texts:
-        ids = list(vocabulary.encode(text))[: in_len - 1] + [vocabulary.eos_id]
+        ids = list(vocabulary.encode(text))
+        cut += len(ids) > in_len - 1
+        ids = ids[: in_len - 1] + [vocabulary.eos_id]
         tokens = np.zeros(in_len, np.int32)
         tokens[: len(ids)] = ids
-        yield {
-            "encoder_input_tokens": tokens,
-            "decoder_input_tokens": np.zeros(out_len, np.int32),
-            "decoder_target_tokens": np.zeros(out_len, np.int32),
-            "decoder_loss_weights": np.zeros(out_len, np.int32),
-            "task_ids": np.asarray(task_id, np.int32),
-        }
-
-
-def _batched(items: Iterable[dict], batch_size: int) -> Iterator[tuple[int, dict]]:
-    """Groups feature dicts into `batch_size` rows, padding the last batch."""
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == batch_size:
-            yield batch_size, {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
-            chunk = []
-    if chunk:
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)
-        yield n, {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
+        out.append(
+            {
+                "encoder_input_tokens": tokens,
+                "decoder_input_tokens": np.zeros(out_len, np.int32),
+                "decoder_target_tokens": np.zeros(out_len, np.int32),
+                "decoder_loss_weights": np.zeros(out_len, np.int32),
+                "task_ids": np.asarray(task_id, np.int32),
+            }
+        )
+    if cut:
+        logger.warning(
+            "%d of %d inputs are longer than TASK_FEATURE_LENGTHS['inputs']=%d tokens (with "
+            "EOS) and were truncated.",
+            cut,
+            len(texts),
+            in_len,
+        )
+    return out
 
 
 def infer(
@@ -134,38 +169,44 @@ def infer(
       The number of predictions written.
 
     Raises:
-      ValueError: no input given, an unknown task, a missing file.
+      UserError: no input given, an unknown task, a missing or malformed input file, a
+        task id out of range, an output path that is a directory (all before decoding).
     """
     if input_file:
         mixture_or_task_name = None  # The file takes precedence (see runs/infer.gin).
     elif not mixture_or_task_name:
-        raise ValueError(
+        raise UserError(
             "Nothing to decode: set INPUT_FILE (one input per line) or MIXTURE_OR_TASK_NAME "
             "(with INFER_SPLIT)."
         )
+    if not output_file or not isinstance(output_file, str):
+        raise UserError(f"INFER_OUTPUT_FILE must be a file path, got {output_file!r}.")
+    if tf.io.gfile.isdir(output_file):
+        raise UserError(
+            f"INFER_OUTPUT_FILE {output_file!r} is a directory; give a file path, e.g. "
+            f"{output_file.rstrip('/')}/predictions.jsonl."
+        )
     directory = output_file.rsplit("/", 1)[0] if "/" in output_file else "."
-    utils.ensure_writable_dir(directory, "INFER_OUTPUT_FILE's directory")
-    converter = feature_converter or utils.default_feature_converter()
-    if mixture_or_task_name:
-        utils.check_data(mixture_or_task_name, split)
-    else:
-        texts = read_input_file(input_file, task_id)
+    model_dir_lib.ensure_writable_dir(directory, "INFER_OUTPUT_FILE's directory")
     lengths = dict(task_feature_lengths)
-    shapes = eval_lib.model_input_shapes(
-        converter,
-        utils.DatasetConfig(mixture_or_task_name or "<file>", lengths, split, batch_size),
+    dataset_cfg = data.DatasetConfig(mixture_or_task_name or "<file>", lengths, split, batch_size)
+    dataset_cfg.check_batch_size("BATCH_SIZE")
+    num_tasks = gin_utils.query_macro("NUM_TASKS", None)
+    converter = feature_converter or data.default_feature_converter(num_tasks=num_tasks)
+    if mixture_or_task_name:
+        data.check_data(mixture_or_task_name, split)
+        data.check_num_tasks(mixture_or_task_name, split, num_tasks)
+    else:
+        texts = read_input_file(input_file, task_id, num_tasks)
+    shapes = evaluation_lib.model_input_shapes(converter, dataset_cfg)
+    trainer, step, params = evaluation_lib.load_for_inference(
+        model, shapes, checkpoint_path, partitioner
     )
-    trainer, step, params = eval_lib.load_for_inference(model, shapes, checkpoint_path, partitioner)
     vocabulary = model.output_vocabulary
 
-    def predict(features: Iterable[dict]) -> Iterator[np.ndarray]:
-        for n, batch in _batched(features, batch_size):
-            arrays = {
-                k: jax.make_array_from_callback(
-                    v.shape, trainer.partitioner.batch_sharding(v.ndim), lambda idx, v=v: v[idx]
-                )
-                for k, v in batch.items()
-            }
+    def predict(features: Sequence[dict]) -> Iterator[np.ndarray]:
+        for n, batch in data.batches_of(features, batch_size):
+            arrays = data.put_on_mesh(batch, trainer.partitioner, whole=True, num_tasks=num_tasks)
             tokens = np.asarray(trainer.predict_step(params, arrays, decoder_params))
             yield from tokens[:n]
 
@@ -187,9 +228,7 @@ def infer(
                 }
             )
     else:
-        provider = utils.get_mixture_or_task(mixture_or_task_name)
-        tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-        for task in tasks:
+        for task in data.tasks_of(mixture_or_task_name):
             if split not in task.splits:
                 continue
             ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
@@ -219,7 +258,7 @@ def infer(
                     }
                 )
     if jax.process_index() == 0:
-        utils.write_text(output_file, "".join(json.dumps(r) + "\n" for r in records))
+        model_dir_lib.write_text(output_file, "".join(json.dumps(r) + "\n" for r in records))
         logger.info("Wrote %d predictions of step %d to %s.", len(records), step, output_file)
     return len(records)
 

@@ -11,14 +11,13 @@ that do not fit, a non-finite loss) end the run with one line on stderr and exit
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import os
 import socket
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
-from hyperprompt_jax import gin_utils, utils
+from hyperprompt_jax import errors, gin_utils
+from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
 
@@ -43,7 +43,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+        raise UserError(f"{name} must be an integer, got {value!r}.") from None
 
 
 def _accepts_connections(address: str) -> bool:
@@ -91,11 +91,11 @@ def initialize_distributed() -> None:
     pid = _env_int("JAX_PROCESS_ID")
     timeout = _env_int("JAX_INITIALIZATION_TIMEOUT") or DEFAULT_INIT_TIMEOUT
     if timeout < 0:
-        raise ValueError(f"JAX_INITIALIZATION_TIMEOUT must be positive, got {timeout}.")
+        raise UserError(f"JAX_INITIALIZATION_TIMEOUT must be positive, got {timeout}.")
     if not address and len([h for h in hosts.split(",") if h]) <= 1:
         if (num or 1) > 1 or pid:
             # Otherwise every process would silently train alone into the same MODEL_DIR.
-            raise ValueError(
+            raise UserError(
                 f"JAX_NUM_PROCESSES={num} / JAX_PROCESS_ID={pid} are set but "
                 "JAX_COORDINATOR_ADDRESS is not; set it to host:port of process 0."
             )
@@ -174,66 +174,59 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
-# Macros read by code (`gin_utils.query_macro`) rather than by a gin binding.
-CODE_MACROS = ("TRAINABLE_PATTERNS",)
+# Moved to gin_utils (count_params and the launchers share it); old name kept.
+check_macro_bindings = gin_utils.check_macro_bindings
 
 
-def _macro_references(value, out: set) -> None:
-    if isinstance(value, gin.config.ConfigurableReference):
-        if value.selector == "gin.macro":
-            out.add(value.scoped_selector.split("/", 1)[0])
-    elif isinstance(value, (list, tuple, set)):
-        for v in value:
-            _macro_references(v, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _macro_references(v, out)
+def report_errors(fn: Callable[[], Any]) -> int:
+    """Calls `fn()`; returns the exit code of an entry point.
 
-
-def check_macro_bindings(bindings: Sequence[str]) -> None:
-    """Rejects `--gin.NAME=VALUE` for a macro NAME that no binding uses (a typo).
-
-    gin accepts any new macro silently, so `--gin.TRAIN_STEPZ=10` would otherwise be
-    ignored. Bindings of configurable parameters (`a.b.c=...`) are checked by gin.
-
-    Raises:
-      ValueError: naming the macro and the closest used ones.
+    A `UserError` (bad flags, gin, files, task names or ids, data) prints one
+    `error: ...` line and gives 1; `Preempted` prints its line and gives 143; every
+    other exception is a bug and propagates with its traceback.
     """
-    config = gin.config._CONFIG  # noqa: SLF001 (gin has no public listing API)
-    defined = {scope for scope, selector in config if selector == "gin.macro"}
-    used = set(CODE_MACROS)
-    for params in config.values():
-        _macro_references(params, used)
-    for binding in bindings:
-        name = binding.split("=", 1)[0].strip()
-        if "." in name or "/" in name or name not in defined or name in used:
-            continue
-        close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"--gin.{name}: no gin binding uses the macro {name}, so it would have no effect.{hint}"
-        )
+    try:
+        fn()
+    except errors.UserError as error:
+        _stop_background_errors()
+        print(f"error: {errors.message(error)}", file=sys.stderr, flush=True)
+        return 1
+    except errors.Preempted as stop:
+        print(f"stopped: {errors.message(stop)}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    return 0
+
+
+def _stop_background_errors() -> None:
+    """Silences what background threads (orbax's async savers) report after a clear error.
+
+    The error already ended the run; their tracebacks about the interrupted work would
+    bury the one line that says what to fix.
+    """
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
 
 
 def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
     """Parses flags and gin, then calls `module_name.entry()`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
-    try:
+
+    def main() -> None:
         files, bindings, paths = gin_utils.flags_to_gin(argv)
         if not files:
-            raise ValueError(
+            raise UserError(
                 "No --gin_file given; e.g. --gin_file=quickstart.gin (the embedded demo)."
             )
         module = importlib.import_module(module_name)
         # Task modules register gin configurables: import them before gin is locked.
-        utils.import_task_modules()
+        from hyperprompt_jax import data
+
+        data.import_task_modules()
         gin_utils.parse_gin(files, bindings, paths)
         check_macro_bindings(bindings)
         initialize_distributed()
         # gin's dynamic registration configures a wrapper, not the module attribute.
         gin.get_configurable(getattr(module, entry))()
-    except (ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+    return report_errors(main)

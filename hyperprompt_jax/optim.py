@@ -2,7 +2,7 @@
 
 Method gin files bind `optim.adafactor.*` and `optim.create_learning_rate_scheduler.*`
 with the parameter names of t5x's `adafactor.Adafactor` and
-`utils.create_learning_rate_scheduler`, and those names mean what they mean in t5x:
+`t5x.utils.create_learning_rate_scheduler`, and those names mean what they mean in t5x:
 
 * `decay_rate=0.8`: the second-moment decay at step t (0-based) is
   `beta2_t = 1 - (t + 1)^-0.8`, so the first update uses the squared gradient alone.

@@ -172,9 +172,9 @@ def parse_run_gin(
     """
     _quiet_gin_search_paths()
     if import_tasks:
-        from hyperprompt_jax import utils
+        from hyperprompt_jax import data
 
-        utils.import_task_modules()
+        data.import_task_modules()
     gin_utils.parse_gin(gin_files, gin_bindings, search_paths, finalize=False)
 
 
@@ -214,7 +214,7 @@ def unpacked_input_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """The model features of unpacked encoder-decoder batches and their shapes.
 
-    What `utils.default_feature_converter(pack=False)` produces (seqio's
+    What `data.default_feature_converter(pack=False)` produces (seqio's
     `EncDecFeatureConverter` plus `task_ids`), written out so that callers that only
     need shapes do not import seqio and TensorFlow.
     """
@@ -248,26 +248,20 @@ def trainer_from_gin(
     Raises:
       ValueError: a configuration error of the model, the method or the batch size.
     """
-    import gin
-    from hyperprompt_jax import optim
-
-    model = gin_utils.configured("MODEL")
-    if trainable_patterns == _FROM_GIN:
-        trainable_patterns = gin_utils.query_macro("TRAINABLE_PATTERNS", None)
     if use_feature_converter:
-        from hyperprompt_jax import utils
+        from hyperprompt_jax import data
 
-        converter = utils.default_feature_converter(pack=False)
+        converter = data.default_feature_converter(pack=False)
         shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
     else:
         shapes = unpacked_input_shapes(batch_size, task_feature_lengths)
-    return trainer_lib.Trainer(
-        model,
-        gin.get_configurable(optim.adafactor),
-        gin.get_configurable(optim.create_learning_rate_scheduler)(),
-        partitioner,
+    # The launchers' one factory: MODEL, the method's optimiser and schedule from gin.
+    return trainer_lib.from_gin(
         shapes,
-        trainable_patterns=trainable_patterns,
+        partitioner=partitioner,
+        trainable_patterns=trainer_lib.FROM_GIN
+        if trainable_patterns == _FROM_GIN
+        else trainable_patterns,
     )
 
 

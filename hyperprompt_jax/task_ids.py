@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperprompt_jax.errors import UserError
+
 Array = jax.Array
 
 
@@ -53,7 +55,7 @@ def validate_task_ids(
         that is negative or not below `num_tasks`.
     """
     if task_ids is None:
-        raise ValueError(
+        raise UserError(
             f"{module} is task-conditioned (NUM_TASKS={num_tasks}) and needs task_ids, an "
             "int32 [batch] array with each example's task index; got None. Pass "
             "`task_ids=` to the model (seqio mixtures provide a `task_id` feature)."
@@ -61,18 +63,18 @@ def validate_task_ids(
     if not hasattr(task_ids, "dtype"):
         task_ids = np.asarray(task_ids)
     if not jnp.issubdtype(task_ids.dtype, jnp.integer):
-        raise ValueError(f"task_ids must be integers, got dtype {task_ids.dtype}.")
+        raise UserError(f"task_ids must be integers, got dtype {task_ids.dtype}.")
     if task_ids.ndim != 1:
-        raise ValueError(f"task_ids must be [batch], got shape {tuple(task_ids.shape)}.")
+        raise UserError(f"task_ids must be [batch], got shape {tuple(task_ids.shape)}.")
     if batch_size is not None and task_ids.shape[0] != batch_size:
-        raise ValueError(
+        raise UserError(
             f"task_ids has {task_ids.shape[0]} entries but the batch has {batch_size} examples."
         )
     if is_concrete(task_ids):
         values = np.asarray(task_ids)
         bad = values[(values < 0) | (values >= num_tasks)]
         if bad.size:
-            raise ValueError(
+            raise UserError(
                 f"{module}: task id(s) {sorted(set(bad.tolist()))} out of range; "
                 f"expected 0 <= task_id < NUM_TASKS={num_tasks}."
             )
@@ -93,7 +95,7 @@ def gather_tasks(table: Array, task_ids: Array, num_tasks: int, axis: int = 0) -
       `[0, num_tasks)` are NaN (only reachable under jit, see the module docstring).
     """
     if table.shape[axis] != num_tasks:
-        raise ValueError(
+        raise UserError(
             f"Task table has {table.shape[axis]} entries on axis {axis}, expected {num_tasks}."
         )
     valid = (task_ids >= 0) & (task_ids < num_tasks)

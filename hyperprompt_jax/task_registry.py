@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import seqio
 
+from hyperprompt_jax.errors import UserError
+
 
 def _register() -> None:
     import hyperprompt_jax.tasks  # noqa: F401  (importing registers the tasks)
@@ -56,7 +58,7 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
         return seqio.TaskRegistry.get(name)
     close = suggest(name)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(
+    raise UserError(
         f"Unknown task or mixture {name!r}.{hint} List the registered names with "
         "`python -m hyperprompt_jax.task_registry list`."
     )

@@ -441,10 +441,14 @@ class Trainer:
     def predict_step(
         self, params: PyTree, batch: Batch, decoder_params: Mapping[str, Any] | None = None
     ) -> jax.Array:
-        """Decoded tokens `[batch, targets_length]` (jitted once per batch shape)."""
-        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+        """Decoded tokens `[batch, targets_length]` (jitted once per batch shape and
+        decoding options: the options are baked into the compiled function)."""
+        decoder_params = dict(decoder_params or {})
+        key = (
+            tuple(sorted((k, tuple(v.shape)) for k, v in batch.items())),
+            tuple(sorted((k, repr(v)) for k, v in decoder_params.items())),
+        )
         if key not in self._predict_fns:
-            decoder_params = dict(decoder_params or {})
             self._predict_fns[key] = self.partitioner.jit(
                 lambda p, b: self.model.predict_batch(p, b, decoder_params=dict(decoder_params)),
                 in_shardings=(
@@ -505,3 +509,74 @@ class Trainer:
                 step_alias_bytes=int(analysis.alias_size_in_bytes),
             )
         return report
+
+
+# -------------------------------------------------------------------------------------
+# The one Trainer factory of the launchers (train, eval, infer, plan, benchmarks)
+# -------------------------------------------------------------------------------------
+
+FROM_GIN = "from gin"
+
+
+def from_gin(
+    input_shapes: Mapping[str, Sequence[int]],
+    *,
+    model: Any = None,
+    partitioner: Any = None,
+    optimizer_def: OptimizerDef | None = None,
+    learning_rate_fn: Schedule | None = None,
+    trainable_patterns: Any = FROM_GIN,
+    seed: int = 0,
+) -> Trainer:
+    """A `Trainer` for the parsed gin config; explicit arguments win over gin.
+
+    Args:
+      input_shapes: batched model-feature shapes (see `Trainer`).
+      model: default: the gin macro `MODEL`.
+      partitioner: default: `partitioning.Partitioner()` as gin configures it.
+      optimizer_def: default: `optim.adafactor` with its gin bindings.
+      learning_rate_fn: default: `optim.create_learning_rate_scheduler()` with its gin
+        bindings. Evaluated at step 0 here, so a bad value (`LEARNING_RATE='fast'`)
+        fails before anything is compiled.
+      trainable_patterns: default: the gin macro `TRAINABLE_PATTERNS` (unset = all).
+      seed: parameter initialisation and dropout.
+
+    Raises:
+      UserError: a learning-rate schedule that fails or is not finite at step 0.
+    """
+    import gin
+    from hyperprompt_jax import gin_utils, optim
+    from hyperprompt_jax.errors import UserError
+
+    def configured(fn):
+        try:
+            return gin.get_configurable(fn)
+        except ValueError:  # Not mentioned by any gin file: its defaults.
+            return fn
+
+    if model is None:
+        model = gin_utils.configured("MODEL")
+    if partitioner is None:
+        partitioner = configured(partitioning_lib.Partitioner)()
+    optimizer_def = optimizer_def or configured(optim.adafactor)
+    learning_rate_fn = learning_rate_fn or configured(optim.create_learning_rate_scheduler)()
+    if trainable_patterns == FROM_GIN:
+        trainable_patterns = gin_utils.query_macro("TRAINABLE_PATTERNS", None)
+    try:
+        rate = float(np.asarray(learning_rate_fn(jnp.asarray(0, jnp.int32))))
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"The learning-rate schedule fails at step 0 ({e}); check LEARNING_RATE and the "
+            "create_learning_rate_scheduler bindings (numbers expected)."
+        ) from None
+    if not math.isfinite(rate):
+        raise UserError(f"The learning rate at step 0 is {rate}; check LEARNING_RATE.")
+    return Trainer(
+        model,
+        optimizer_def,
+        learning_rate_fn,
+        partitioner,
+        input_shapes,
+        trainable_patterns=trainable_patterns,
+        seed=seed,
+    )

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import seqio
 import tensorflow_datasets as tfds
 
+from hyperprompt_jax.errors import UserError
+
 # Datasets whose TFDS builder needs files the user downloads by hand or a Beam
 # pipeline; the error message points to the builder's own instructions.
 _SPECIAL_PREPARATION = {
@@ -29,7 +31,7 @@ _SPECIAL_PREPARATION = {
 }
 
 
-class DatasetNotPreparedError(ValueError):
+class DatasetNotPreparedError(UserError):
     """A task needs TFDS data that has not been downloaded and prepared."""
 
 

@@ -371,19 +371,19 @@ class _Rows:
     ],
 )
 def test_each_process_reads_the_shards_of_the_rows_it_holds(held, data_shards, expected):
-    from hyperprompt_jax import utils
+    from hyperprompt_jax import data as data_lib
 
-    cfg = utils.DatasetConfig("hp_synthetic_multitask", {"inputs": 9, "targets": 2}, "train", 16)
+    cfg = data_lib.DatasetConfig("hp_synthetic_multitask", {"inputs": 9, "targets": 2}, "train", 16)
     cfg.num_shards = data_shards
-    assert utils.input_shards(cfg, _Rows(*held)) == expected
+    assert data_lib.input_shards(cfg, _Rows(*held)) == expected
 
 
 def test_data_shards_must_fit_the_batch_and_the_rows_held():
-    from hyperprompt_jax import utils
+    from hyperprompt_jax import data as data_lib
 
     lengths = {"inputs": 9, "targets": 2}
     with pytest.raises(ValueError, match="DATA_SHARDS must be a positive int dividing"):
-        utils.DatasetConfig("hp_synthetic_multitask", lengths, "train", 16, num_shards=3)
-    cfg = utils.DatasetConfig("hp_synthetic_multitask", lengths, "train", 16, num_shards=1)
+        data_lib.DatasetConfig("hp_synthetic_multitask", lengths, "train", 16, num_shards=3)
+    cfg = data_lib.DatasetConfig("hp_synthetic_multitask", lengths, "train", 16, num_shards=1)
     with pytest.raises(ValueError, match="holds 8 rows; use a multiple of 2"):
-        utils.input_shards(cfg, _Rows((8, 16)))
+        data_lib.input_shards(cfg, _Rows((8, 16)))
