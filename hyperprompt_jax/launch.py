@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
-from hyperprompt_jax import gin_utils, utils
+from hyperprompt_jax import cli, gin_utils, utils
 
 logger = logging.getLogger("hyperprompt_jax")
 
@@ -219,6 +219,7 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
     """Parses flags and gin, then calls `module_name.entry()`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
+    cli.quiet_logging()
     try:
         files, bindings, paths = gin_utils.flags_to_gin(argv)
         if not files:
@@ -231,9 +232,11 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
         gin_utils.parse_gin(files, bindings, paths)
         check_macro_bindings(bindings)
         initialize_distributed()
+        cli.set_process_index(jax.process_index())
+        cli.watch_compilation()
         # gin's dynamic registration configures a wrapper, not the module attribute.
         gin.get_configurable(getattr(module, entry))()
     except (ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(cli.error_line(error), file=sys.stderr)
         return 1
     return 0

@@ -68,12 +68,14 @@ class MetricsWriter:
         self._start_step: int | None = None
         self._window_time = time.time()
         self._window_steps = 0
+        self._eta_origin: tuple[float, int] | None = None  # (time, step) estimates start from
 
     def start(self, step: int) -> None:
         """Marks the step training starts (or resumes) from, for rates and estimates."""
         self._start_step = step
         self._start_time = self._window_time = time.time()
         self._window_steps = 0
+        self._eta_origin = None
 
     def _append(self, name: str, record: Mapping[str, Any]) -> None:
         if not self.chief:
@@ -105,19 +107,25 @@ class MetricsWriter:
                 step, {f"train/{k}": v for k, v in record.items() if k != "step"}
             )
             self._tb.flush()
-        done = step - (self._start_step or 0)
         total_elapsed = now - self._start_time
-        left = total_elapsed / max(done, 1) * (self.total_steps - step)
+        # The first window includes compilation: estimate the time left from the steps
+        # after it (so the first line has no estimate, rather than a wild one).
+        if self._eta_origin is None or step <= self._eta_origin[1]:
+            self._eta_origin = (now, step)
+            left = "time left after the next line"
+        else:
+            t0, s0 = self._eta_origin
+            left = f"{_duration((now - t0) / (step - s0) * (self.total_steps - step))} left"
         if self.chief:
             logger.info(
-                "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | %s elapsed | %s left",
+                "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | %s elapsed | %s",
                 step,
                 self.total_steps,
                 record.get("loss", float("nan")),
                 record.get("learning_rate", float("nan")),
                 examples_per_second,
                 _duration(total_elapsed),
-                _duration(left),
+                left,
             )
         return record
 

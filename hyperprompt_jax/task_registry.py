@@ -14,6 +14,11 @@ Command line:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("task_registry")
+
 import argparse
 import difflib
 import sys

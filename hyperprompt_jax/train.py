@@ -17,6 +17,11 @@ as if the run had never stopped.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("train")
+
 import dataclasses
 import logging
 import os
