@@ -459,6 +459,7 @@ class _Value:
     tokens: list[tokenize.TokenInfo]
     text: str
     origin: str
+    name: str = ""
 
 
 class GinScan:
@@ -547,7 +548,9 @@ class GinScan:
 
     def _bind(self, selector: str, param: str, tokens, text: str, origin: str) -> None:
         scope, _, name = selector.rpartition("/")
-        self.bindings[(scope, self._canonical(name), param)] = _value(tokens, text, origin)
+        value = _value(tokens, text, origin)
+        value.name = f"{selector}.{param}"  # as written, for messages
+        self.bindings[(scope, self._canonical(name), param)] = value
 
     def _canonical(self, name: str) -> str:
         head, _, rest = name.partition(".")
@@ -595,9 +598,9 @@ class GinScan:
             if ("@", scope, name) in seen:
                 return
             seen.add(("@", scope, name))
-            for (s, selector, param), value in self.bindings.items():
+            for (s, selector, _), value in self.bindings.items():
                 if selector == name and s in ("", scope):
-                    visit(value, f"{selector}.{param}")
+                    visit(value, value.name)
 
         for root in roots:
             if root.startswith("%"):
