@@ -147,6 +147,27 @@ class MetricsWriter:
             self._tb.close()
 
 
+def config_record(
+    operative: str, placeholder: str, patterns: Sequence[str] | None, trainable: int, total: int
+) -> str:
+    """The `config.gin` text: gin's operative config with the trained parameters spelled out.
+
+    Args:
+      operative: `gin.operative_config_str()`.
+      placeholder: the default of `train(trainable_patterns=...)` that means "read the
+        TRAINABLE_PATTERNS macro"; it is replaced by the patterns the run used.
+      patterns: the trainable-parameter regexes used (None: every parameter).
+      trainable / total: parameter counts.
+    """
+    text = operative.replace(repr(placeholder), repr(None if patterns is None else list(patterns)))
+    shown = "every parameter" if patterns is None else ", ".join(repr(p) for p in patterns)
+    return (
+        f"{text.rstrip()}\n\n"
+        f"# Trained parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%)\n"
+        f"# selected by TRAINABLE_PATTERNS: {shown}\n"
+    )
+
+
 def score_table(
     last: Mapping[str, Mapping[str, float]],
     best: Mapping[str, Mapping[str, Any]],

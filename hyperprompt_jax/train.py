@@ -294,7 +294,7 @@ def _train_loop(
             step += 1
             pending.append((step, metrics))
             if not wrote_config:
-                _write_config(model_dir)
+                _write_config(model_dir, trainer)
                 wrote_config = True
             if step % log_period == 0 or step == total_steps:
                 flush()
@@ -307,7 +307,7 @@ def _train_loop(
     run_eval(step)
     checkpointer.save(step, state, force=True)
     checkpointer.wait()
-    _write_config(model_dir)
+    _write_config(model_dir, trainer)
     writer.close()
     if chief and (last_eval or checkpointer.best):
         print(
@@ -325,10 +325,17 @@ def _param_counts(trainer: trainer_lib.Trainer) -> tuple[int, int]:
     return trainable_lib.count(trainer.param_shapes, trainer.trainable_patterns)
 
 
-def _write_config(model_dir: str) -> None:
-    """Writes the operative gin config (what this run actually used) to `config.gin`."""
+def _write_config(model_dir: str, trainer: trainer_lib.Trainer) -> None:
+    """Writes the operative gin config (what this run actually used) to `config.gin`,
+    with the trainable patterns actually used and the count of trained parameters."""
     if jax.process_index() == 0:
-        utils.write_text(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        text = summaries.config_record(
+            gin.operative_config_str(),
+            _FROM_GIN_MACRO,
+            trainer.trainable_patterns,
+            *_param_counts(trainer),
+        )
+        utils.write_text(os.path.join(model_dir, "config.gin"), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
