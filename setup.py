@@ -32,6 +32,9 @@ setuptools.setup(
         "seqio>=0.0.19",
         "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets 4.9.10 imports it (download_and_prepare) but declares it
+        # only for Python < 3.9; `task_registry prepare` fails without it.
+        "importlib_resources",
         "gin-config>=0.5",
         "sentencepiece",
         "tensorstore",

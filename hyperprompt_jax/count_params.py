@@ -12,6 +12,11 @@ rule the optimiser mask uses (`trainable.py`; unset = everything trainable).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("count_params")
+
 import collections
 import re
 import sys

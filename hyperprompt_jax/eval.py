@@ -12,6 +12,11 @@ directory of this library, a t5x checkpoint or a Hugging Face T5 directory.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("eval")
+
 import sys
 from typing import Any, Mapping, Sequence
 

@@ -17,6 +17,11 @@ Predictions are written to `INFER_OUTPUT_FILE` (process 0 only). Batches are pad
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("infer")
+
 import json
 import logging
 import sys

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
-from hyperprompt_jax import errors, gin_utils
+from hyperprompt_jax import cli, errors, gin_utils
 from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
@@ -211,6 +211,7 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
     """Parses flags and gin, then calls `module_name.entry()`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging()
+    cli.quiet_logging()
 
     def main() -> None:
         files, bindings, paths = gin_utils.flags_to_gin(argv)
@@ -226,6 +227,8 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
         gin_utils.parse_gin(files, bindings, paths)
         check_macro_bindings(bindings)
         initialize_distributed()
+        cli.set_process_index(jax.process_index())
+        cli.watch_compilation()
         # gin's dynamic registration configures a wrapper, not the module attribute.
         gin.get_configurable(getattr(module, entry))()
 

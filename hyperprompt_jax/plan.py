@@ -40,6 +40,11 @@ slice; `--device_memory_gb` overrides the memory).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("plan")
+
 import dataclasses
 import json
 import logging

@@ -68,12 +68,14 @@ class MetricsWriter:
         self._start_step: int | None = None
         self._window_time = time.time()
         self._window_steps = 0
+        self._eta_origin: tuple[float, int] | None = None  # (time, step) estimates start from
 
     def start(self, step: int) -> None:
         """Marks the step training starts (or resumes) from, for rates and estimates."""
         self._start_step = step
         self._start_time = self._window_time = time.time()
         self._window_steps = 0
+        self._eta_origin = None
 
     def _append(self, name: str, record: Mapping[str, Any]) -> None:
         if not self.chief:
@@ -105,19 +107,25 @@ class MetricsWriter:
                 step, {f"train/{k}": v for k, v in record.items() if k != "step"}
             )
             self._tb.flush()
-        done = step - (self._start_step or 0)
         total_elapsed = now - self._start_time
-        left = total_elapsed / max(done, 1) * (self.total_steps - step)
+        # The first window includes compilation: estimate the time left from the steps
+        # after it (so the first line has no estimate, rather than a wild one).
+        if self._eta_origin is None or step <= self._eta_origin[1]:
+            self._eta_origin = (now, step)
+            left = "time left after the next line"
+        else:
+            t0, s0 = self._eta_origin
+            left = f"{_duration((now - t0) / (step - s0) * (self.total_steps - step))} left"
         if self.chief:
             logger.info(
-                "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | %s elapsed | %s left",
+                "step %d/%d | loss %.4f | lr %.2e | %.0f ex/s | %s elapsed | %s",
                 step,
                 self.total_steps,
                 record.get("loss", float("nan")),
                 record.get("learning_rate", float("nan")),
                 examples_per_second,
                 _duration(total_elapsed),
-                _duration(left),
+                left,
             )
         return record
 
@@ -137,6 +145,27 @@ class MetricsWriter:
         """Flushes and closes the TensorBoard writer."""
         if self._tb is not None:
             self._tb.close()
+
+
+def config_record(
+    operative: str, placeholder: str, patterns: Sequence[str] | None, trainable: int, total: int
+) -> str:
+    """The `config.gin` text: gin's operative config with the trained parameters spelled out.
+
+    Args:
+      operative: `gin.operative_config_str()`.
+      placeholder: the default of `train(trainable_patterns=...)` that means "read the
+        TRAINABLE_PATTERNS macro"; it is replaced by the patterns the run used.
+      patterns: the trainable-parameter regexes used (None: every parameter).
+      trainable / total: parameter counts.
+    """
+    text = operative.replace(repr(placeholder), repr(None if patterns is None else list(patterns)))
+    shown = "every parameter" if patterns is None else ", ".join(repr(p) for p in patterns)
+    return (
+        f"{text.rstrip()}\n\n"
+        f"# Trained parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%)\n"
+        f"# selected by TRAINABLE_PATTERNS: {shown}\n"
+    )
 
 
 def score_table(

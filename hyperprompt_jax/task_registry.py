@@ -14,6 +14,11 @@ Command line:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("task_registry")
+
 import argparse
 import difflib
 import sys
@@ -115,8 +120,26 @@ def prepare(name_or_tfds_name: str, data_dir: str | None = None) -> list[str]:
     else:
         tfds_names = sorted({t.source.tfds_dataset.name for t in _tasks(name_or_tfds_name)})
     for tfds_name in tfds_names:
-        tfds.builder(tfds_name, data_dir=data_dir).download_and_prepare()
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        try:
+            builder.download_and_prepare()
+        except (OSError, tfds.download.DownloadError) as error:
+            # Network and file-system failures (requests' errors are OSErrors); what to
+            # do is the same for all of them.
+            raise UserError(_download_failed_message(tfds_name, builder, error)) from error
     return tfds_names
+
+
+def _download_failed_message(tfds_name: str, builder, error: BaseException) -> str:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())
+    if len(reason) > 240:
+        reason = reason[:240] + "..."
+    return (
+        f"downloading {tfds_name!r} failed ({reason}). Run this command on a machine with "
+        f"internet access and copy its data directory ({builder.data_dir}) here, then point "
+        "TFDS_DATA_DIR (or --data_dir) at the copy; or download the files by hand into "
+        f"{builder.data_dir_root}/downloads/manual and run it again."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

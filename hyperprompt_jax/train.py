@@ -24,6 +24,11 @@ leaves no partial checkpoint.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and flag checks before TensorFlow / JAX load (cli.py)
+    from hyperprompt_jax import cli
+
+    cli.preflight("train")
+
 import dataclasses
 import errno
 import logging
@@ -394,7 +399,7 @@ class _TrainLoop:
         self.flush()
         self.checkpointer.save(step, self.state, force=True)
         self.checkpointer.wait()
-        _write_config(self.model_dir)
+        _write_config(self.model_dir, self.trainer)
         self.writer.close()
         name = signal.Signals(signum).name if signum else "a preemption notice"
         raise errors.Preempted(
@@ -467,7 +472,7 @@ class _TrainLoop:
                     step += 1
                     self.pending.append((step, metrics))
                     if not wrote_config:
-                        _write_config(self.model_dir)
+                        _write_config(self.model_dir, self.trainer)
                         wrote_config = True
                     if step % log_period == 0 or step == self.total_steps:
                         self.flush()
@@ -495,7 +500,7 @@ class _TrainLoop:
         self, step: int, chief: bool, write_config: bool, stopped_early: bool = False
     ) -> TrainResult:
         if write_config:
-            _write_config(self.model_dir)
+            _write_config(self.model_dir, self.trainer)
         if self.writer is not None:
             self.writer.close()
         best = dict(self.checkpointer.best)
@@ -513,10 +518,17 @@ def _param_counts(trainer: trainer_lib.Trainer) -> tuple[int, int]:
     return trainable_lib.count(trainer.param_shapes, trainer.trainable_patterns)
 
 
-def _write_config(model_dir: str) -> None:
-    """Writes the operative gin config (what this run actually used) to `config.gin`."""
+def _write_config(model_dir: str, trainer: trainer_lib.Trainer) -> None:
+    """Writes the operative gin config (what this run actually used) to `config.gin`,
+    with the trainable patterns actually used and the count of trained parameters."""
     if jax.process_index() == 0:
-        model_dir_lib.write_text(os.path.join(model_dir, "config.gin"), gin.operative_config_str())
+        text = summaries.config_record(
+            gin.operative_config_str(),
+            _FROM_GIN_MACRO,
+            trainer.trainable_patterns,
+            *_param_counts(trainer),
+        )
+        model_dir_lib.write_text(os.path.join(model_dir, "config.gin"), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

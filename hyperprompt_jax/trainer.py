@@ -431,8 +431,12 @@ class Trainer:
     def eval_step(self, params: PyTree, batch: Batch) -> dict:
         """Teacher-forced loss and metrics without dropout (jitted on first use)."""
         if self._eval_step is None:
+
+            def eval_step(p, b):  # named: cli.COMPILED_STEPS announces its compilation
+                return self.model.loss_fn(p, b, None)[1]
+
             self._eval_step = self.partitioner.jit(
-                lambda p, b: self.model.loss_fn(p, b, None)[1],
+                eval_step,
                 in_shardings=(self.layout.param_shardings, self.batch_shardings(self.input_shapes)),
                 out_shardings=self.partitioner.replicated,
             )
@@ -449,8 +453,12 @@ class Trainer:
             tuple(sorted((k, repr(v)) for k, v in decoder_params.items())),
         )
         if key not in self._predict_fns:
+
+            def predict_step(p, b):  # named: cli.COMPILED_STEPS announces its compilation
+                return self.model.predict_batch(p, b, decoder_params=dict(decoder_params))
+
             self._predict_fns[key] = self.partitioner.jit(
-                lambda p, b: self.model.predict_batch(p, b, decoder_params=dict(decoder_params)),
+                predict_step,
                 in_shardings=(
                     self.layout.param_shardings,
                     {k: self.partitioner.batch_sharding(v.ndim) for k, v in batch.items()},
