@@ -79,6 +79,13 @@ TPU_DEVICES = {
     "v6e": (1, 32.0),
 }
 
+# JAX devices per TPU VM host: v2 / v3 hosts drive 4 chips of 2 cores (8 devices),
+# v4 / v5p / v5e / v6e hosts 4 devices.
+TPU_DEVICES_PER_HOST = {"v2": 8, "v3": 8, "v4": 4, "v5p": 4, "v5litepod": 4, "v6e": 4}
+# The largest zarr chunk `save_t5x_checkpoint` (and t5x) writes: TensorStore decodes
+# whole chunks, so a slice read holds at most one such chunk besides the slice.
+ZARR_CHUNK_BYTES = 64 * 2**20
+
 _FROM_GIN = "from gin"
 
 
@@ -438,6 +445,8 @@ class MemoryPlan:
     device_memory_bytes: Optional[int] = None
     headroom: float = 0.1
     compiled: Optional[dict] = None
+    startup: Optional[dict] = None
+    host_memory_bytes: Optional[int] = None
 
     @property
     def total_bytes(self) -> int:
@@ -445,11 +454,27 @@ class MemoryPlan:
         return self.param_bytes + self.optimizer_bytes + self.gradient_bytes + self.activation_bytes
 
     @property
+    def peak_device_bytes(self) -> int:
+        """The larger of the step's total and the start-up peak per device."""
+        startup = self.startup or {}
+        return max([self.total_bytes] + [v for k, v in startup.items() if k.endswith("device")])
+
+    @property
+    def peak_host_bytes(self) -> int:
+        """The start-up peak per host (the step itself holds no weights on the host)."""
+        startup = self.startup or {}
+        return max([0] + [v for k, v in startup.items() if k.endswith("host")])
+
+    @property
     def fits(self) -> Optional[bool]:
-        """Whether the total leaves `headroom` of the device memory free (None: unknown)."""
+        """Whether the step and start-up leave `headroom` of the device memory free (and
+        start-up fits the host memory, when given); None: device memory unknown."""
         if self.device_memory_bytes is None:
             return None
-        return self.total_bytes <= (1.0 - self.headroom) * self.device_memory_bytes
+        fits = self.peak_device_bytes <= (1.0 - self.headroom) * self.device_memory_bytes
+        if self.host_memory_bytes is not None:
+            fits = fits and self.peak_host_bytes <= (1.0 - self.headroom) * self.host_memory_bytes
+        return fits
 
     def format(self) -> str:
         """The printed report (its last line is FITS / DOES NOT FIT when memory is known)."""
@@ -471,6 +496,17 @@ class MemoryPlan:
             ),
             f"  total               {gib(self.total_bytes)}",
         ]
+        if self.startup:
+            st = self.startup
+            lines += [
+                f"start-up (loading; {st['devices_per_host']} devices per host):",
+                f"  from INITIAL_CHECKPOINT_PATH  per device {gib(st['initial_device'])}"
+                f"   per host {gib(st['initial_host'])}",
+                f"  resume from a train checkpoint per device {gib(st['resume_device'])}"
+                f"   per host {gib(st['resume_host'])}"
+                + ("   (trainable-only: the backbone reloads as above)" if st["trainable_only"] else ""),
+                f"  peak per device (step or start-up) {gib(self.peak_device_bytes)}",
+            ]
         if self.compiled:
             c = self.compiled
             how = (
@@ -492,8 +528,13 @@ class MemoryPlan:
             lines.append(
                 f"device memory {gib(self.device_memory_bytes)}; usable with "
                 f"{self.headroom:.0%} headroom {gib(usable)}; plan uses "
-                f"{self.total_bytes / self.device_memory_bytes:.0%}"
+                f"{self.peak_device_bytes / self.device_memory_bytes:.0%}"
             )
+            if self.host_memory_bytes is not None:
+                lines.append(
+                    f"host memory {gib(self.host_memory_bytes)}; start-up uses "
+                    f"{self.peak_host_bytes / self.host_memory_bytes:.0%}"
+                )
             lines.append("FITS" if self.fits else "DOES NOT FIT")
         return "\n".join(lines)
 
@@ -521,11 +562,72 @@ def _encoder_length(trainer: trainer_lib.Trainer) -> int:
         return int(jax.eval_shape(encode, params).shape[1])
 
 
+def _distinct_shards(leaf) -> int:
+    """Number of distinct slices a sharded leaf is split into."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return 1
+    mesh = dict(sharding.mesh.shape)
+    count = 1
+    for entry in tuple(sharding.spec):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        count *= math.prod(mesh[a] for a in axes)
+    return count
+
+
+def startup_bytes(trainer: trainer_lib.Trainer, devices_per_host: int) -> dict:
+    """Peak bytes per device and per host while the state is loaded (see `checkpoints`).
+
+    * Per device: loading places each parameter's slices once, straight into their
+      final buffers (`jax.make_array_from_callback`), initialises only the missing
+      method parameters and then the optimizer state (jitted, `out_shardings`): the
+      peak is the state itself (parameters + optimizer state).
+    * Per host, from a t5x / HF checkpoint: one parameter at a time, its distinct
+      slices for this host's devices in float32 (as stored) plus their cast copy, plus
+      one decoded zarr chunk. Formats that force whole-array reads (PyTorch `.bin`, the
+      msgpack's inline arrays) cost more; see docs/checkpoints.md.
+    * Per host, resume: orbax restores all saved arrays' local slices together: the
+      host slices of the saved state (trainable-only: trainable + optimizer state, the
+      backbone then reloads one parameter at a time as above).
+    """
+    abstract = trainer.layout.abstract
+
+    def host_slice(leaf, itemsize=None) -> int:
+        per_device = per_device_bytes(leaf)
+        if itemsize is not None:
+            per_device = per_device // np.dtype(leaf.dtype).itemsize * itemsize
+        return per_device * min(devices_per_host, _distinct_shards(leaf))
+
+    params = jax.tree.leaves(trainer.param_shapes)
+    largest = max(host_slice(p, 4) + host_slice(p) for p in params)
+    initial_host = min(largest, sum(host_slice(p, 4) + host_slice(p) for p in params))
+    initial_host += ZARR_CHUNK_BYTES
+    state_device = per_device_bytes(abstract.trainable) + per_device_bytes(abstract.frozen)
+    state_device += per_device_bytes(abstract.opt_state)
+    trainable_only = bool(jax.tree.leaves(abstract.frozen))
+    saved = [abstract.trainable, abstract.opt_state]
+    if not trainable_only:
+        saved.append(abstract.frozen)
+    resume_host = sum(host_slice(x) for x in jax.tree.leaves(saved))
+    if trainable_only:
+        resume_host += initial_host
+    return {
+        "devices_per_host": devices_per_host,
+        "initial_device": state_device,
+        "initial_host": initial_host,
+        "resume_device": state_device,
+        "resume_host": resume_host,
+        "trainable_only": trainable_only,
+    }
+
+
 def plan_memory(
     trainer: trainer_lib.Trainer,
     device_memory_bytes: Optional[int] = None,
     headroom: float = 0.1,
     task_feature_lengths: Optional[Mapping[str, int]] = None,
+    devices_per_host: Optional[int] = None,
+    host_memory_bytes: Optional[int] = None,
 ) -> MemoryPlan:
     """The per-device memory plan of `trainer`'s train step on its (abstract) mesh.
 
@@ -535,6 +637,8 @@ def plan_memory(
       headroom: fraction of the device memory kept free (runtime, fragmentation,
         the error of the activation estimate).
       task_feature_lengths: only for the report.
+      devices_per_host: for the start-up rows (default: min(8, devices)).
+      host_memory_bytes: memory of one host, for the verdict (None: not checked).
     """
     from hyperprompt_jax import trainable as trainable_lib
 
@@ -603,6 +707,8 @@ def plan_memory(
         remat_policy=cfg.remat_policy,
         device_memory_bytes=device_memory_bytes,
         headroom=headroom,
+        startup=startup_bytes(trainer, devices_per_host or min(8, data * model)),
+        host_memory_bytes=host_memory_bytes,
     )
 
 
@@ -633,6 +739,8 @@ def compiled_memory(trainer: trainer_lib.Trainer) -> dict:
 # ----------------------------------------------------------------------------------------
 
 _PLAN_FLAGS = (
+    "devices_per_host",
+    "host_memory_gb",
     "mesh",
     "num_devices",
     "tpu",
@@ -713,6 +821,12 @@ def resolve_settings(flags: Mapping[str, str]) -> dict:
         data = num_devices // model
     if "device_memory_gb" in flags:
         memory = float(flags["device_memory_gb"])
+    per_host = None
+    if "tpu" in flags:
+        per_host = TPU_DEVICES_PER_HOST.get(flags["tpu"].split("-")[0])
+    if "devices_per_host" in flags:
+        per_host = int(flags["devices_per_host"])
+    host_memory = float(flags["host_memory_gb"]) if "host_memory_gb" in flags else None
     batch = int(flags["batch_size"]) if "batch_size" in flags else _gin_batch_size()
     if batch is None:
         raise ValueError("Set the global batch: --batch_size=N or --gin.BATCH_SIZE=N.")
@@ -736,6 +850,8 @@ def resolve_settings(flags: Mapping[str, str]) -> dict:
         model=model,
         rules=rules,
         memory_bytes=None if memory is None else int(memory * GIB),
+        devices_per_host=per_host,
+        host_memory_bytes=None if host_memory is None else int(host_memory * GIB),
         batch_size=batch,
         lengths=lengths,
         headroom=headroom,
@@ -824,7 +940,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         partitioner = AbstractPartitioner(s["data"], s["model"], s["rules"])
         trainer = trainer_from_gin(partitioner, s["batch_size"], s["lengths"])
-        plan = plan_memory(trainer, s["memory_bytes"], s["headroom"], s["lengths"])
+        plan = plan_memory(
+            trainer,
+            s["memory_bytes"],
+            s["headroom"],
+            s["lengths"],
+            devices_per_host=s["devices_per_host"],
+            host_memory_bytes=s["host_memory_bytes"],
+        )
         if "verify" in flags:
             child = [a for a in argv if not a.startswith("--verify")]
             devices = s["data"] * s["model"]

@@ -222,3 +222,32 @@ def test_t5_xxl_pod_slice_files(pod_gin, method_gin, fits, capsys):
     # under 2-D parameter partitioning (model 8: 2 x 4 bytes x ~11.15e9 / 8 ~ 10.4 GiB).
     grads = float(out.split("gradients + update")[1].split("GiB")[0])
     assert 10.3 < grads < 12.0
+
+
+@pytest.mark.parametrize(
+    "method_gin",
+    # SPoT has prompt tuning's layout (its prompt comes from a file).
+    ["methods/model_tuning.gin", "methods/prompt_tuning.gin", "methods/smop.gin",
+     "methods/hyperprompt_global.gin"],
+)  # fmt: skip
+def test_start_up_rows_for_every_method(method_gin, capsys):
+    """Loading is planned next to the step: per device the state itself (each slice
+    placed once), per host one parameter's local slices; the verdict counts both."""
+    args = [
+        "--gin_file=models/t5_1_1_small.gin", f"--gin_file={method_gin}", "--gin.NUM_TASKS=2",
+        "--mesh=data:4,model:2", "--batch_size=8", "--task_feature_lengths=inputs:32,targets:4",
+        "--device_memory_gb=16", "--devices_per_host=4",
+    ]  # fmt: skip
+    assert plan.main(args) == 0
+    out = capsys.readouterr().out
+    start = out.split("start-up (loading; 4 devices per host):")[1]
+    initial = start.split("from INITIAL_CHECKPOINT_PATH")[1].splitlines()[0]
+    device = float(initial.split("per device")[1].split("GiB")[0])
+    host = float(initial.split("per host")[1].split("GiB")[0])
+    params = float(out.split("  parameters ")[1].split("GiB")[0])
+    opt = float(out.split("optimizer state")[1].split("GiB")[0])
+    assert device == pytest.approx(params + opt, abs=2e-3)
+    assert 0 < host < 0.5
+    # A host too small for loading makes the verdict fail although the step fits.
+    assert plan.main([*args, "--host_memory_gb=0.01"]) == 2
+    assert capsys.readouterr().out.strip().endswith("DOES NOT FIT")

@@ -102,6 +102,21 @@ def test_trainable_only_checkpoints(tmp_path, capsys, monkeypatch):
         if n.startswith("hyperprompt/")
     )
 
+    # Export merges the trained tree with the backbone: t5x (everything) and HF (backbone).
+    from hyperprompt_jax import export as export_lib
+
+    out = export_lib.export(resumed, str(tmp_path / "t5x"), str(tmp_path / "hf"))
+    t5x_params = checkpoints.flatten_params(checkpoints.load_t5x_checkpoint(out["t5x"]))
+    assert t5x_params.keys() == params.keys()
+    for name, value in params.items():
+        np.testing.assert_array_equal(t5x_params[name], value, err_msg=name)
+    _, hf_params = checkpoints.load_hf_t5(out["hf"])
+    hf_params = checkpoints.flatten_params(hf_params)
+    assert set(hf_params) == {n for n in params if not n.startswith("hyperprompt/")}
+    for name, value in hf_params.items():
+        np.testing.assert_array_equal(value, params[name], err_msg=name)
+    assert set(np.load(os.path.join(out["hf"], "method_params.npz"))) == set(out["method_params"])
+
     # A changed backbone, then a missing one: one line, before any compilation.
     def never(*args, **kwargs):
         raise AssertionError("the train step was built before the backbone was checked")

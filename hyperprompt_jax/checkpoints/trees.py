@@ -124,3 +124,39 @@ def check_params_match(
         )
     raise UserError("\n".join(parts))
 
+
+
+def config_from_shapes(
+    shapes: Mapping[str, Tuple[int, ...]],
+    mlp_activations: Tuple[str, ...] | None = None,
+    relative_attention_max_distance: int = 128,
+) -> T5Config:
+    """The T5Config of a plain T5 parameter tree, read off its shapes (flat names).
+
+    Heads come from the relative-position table `[heads, buckets]`; the MLP activations
+    cannot be seen in shapes: two `wi_*` kernels default to T5.1.1's `('gelu', 'linear')`,
+    one `wi` to T5 1.0's `('relu',)`.
+
+    Raises:
+      UserError: if the tree is not a T5 encoder-decoder.
+    """
+    try:
+        vocab, emb = shapes["token_embedder/embedding"]
+        heads, buckets = shapes["encoder/relpos_bias/rel_embedding"]
+        inner = shapes["encoder/layers_0/attention/query/kernel"][1]
+    except KeyError as e:
+        raise UserError(f"Not a T5 parameter tree: {e.args[0]!r} is missing.") from None
+    layers = lambda stack: len({n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")})  # noqa: E731
+    wi = sorted(n for n in shapes if n.startswith("encoder/layers_0/mlp/wi"))
+    mlp_dim = shapes[wi[0]][1]
+    if mlp_activations is None:
+        mlp_activations = ("gelu", "linear") if len(wi) == 2 else ("relu",) * len(wi)
+    return T5Config(
+        vocab_size=int(vocab), dtype="float32", emb_dim=int(emb), num_heads=int(heads),
+        num_encoder_layers=layers("encoder"), num_decoder_layers=layers("decoder"),
+        head_dim=int(inner) // int(heads), mlp_dim=int(mlp_dim),
+        mlp_activations=tuple(mlp_activations),
+        logits_via_embedding="decoder/logits_dense/kernel" not in shapes,
+        relative_attention_num_buckets=int(buckets),
+        relative_attention_max_distance=relative_attention_max_distance,
+    )  # fmt: skip
