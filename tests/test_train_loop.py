@@ -84,7 +84,9 @@ def test_early_stopping_stops_and_a_rerun_does_not_train_again(tmp_path, capsys)
         "checkpoint_3",  # where it stopped
     }
     # The same command again: the count is read back, nothing is trained or appended.
-    before = {p: (model_dir / p).read_bytes() for p in ("train_metrics.jsonl", "eval_metrics.jsonl")}
+    before = {
+        p: (model_dir / p).read_bytes() for p in ("train_metrics.jsonl", "eval_metrics.jsonl")
+    }
     assert train.main(argv) == 0
     assert "Early stopping (before step 3)" in capsys.readouterr().err
     assert {p: (model_dir / p).read_bytes() for p in before} == before
