@@ -228,6 +228,9 @@ def train(
             return result
         except Exception as error:
             if _disk_full(error):
+                # Let orbax finish (or fail) the saves in flight before removing what
+                # they leave; removing a directory being written breaks its thread.
+                _quietly(checkpointer.wait)
                 _remove_partial_checkpoints(model_dir)
                 latest = _quietly(checkpointer.latest_step)
                 raise UserError(

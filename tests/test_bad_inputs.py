@@ -105,7 +105,7 @@ def eval_args(model_dir, *extra):
 
 
 # (id, entry, argv(model_dir, files), expected substring, heavy work forbidden)
-T, E, I, C = train.main, eval_entry.main, infer_entry.main, count_params.main
+T, E, INF, C = train.main, eval_entry.main, infer_entry.main, count_params.main
 CASES = [
     # -- flags and gin --------------------------------------------------------------
     ("no_gin_file", T, lambda m, f: [], "No --gin_file given", True),
@@ -132,20 +132,20 @@ CASES = [
     # -- the trained model directory ---------------------------------------------------
     ("train_steps_below_checkpoint", T, lambda m, f: [*QUICK, f"--gin.MODEL_DIR='{m}'", "--gin.TRAIN_STEPS=1"], "holds checkpoint_2, beyond TRAIN_STEPS=1", False),
     # -- inference inputs --------------------------------------------------------------
-    ("infer_task_id_99", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/id99.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "id99.jsonl:2: task_id 99 is out of range: expected 0 <= task_id < NUM_TASKS=4", True),
-    ("infer_task_id_negative", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idneg.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idneg.jsonl:1: task_id -1 is out of range", True),
-    ("infer_task_id_null", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idnull.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idnull.jsonl:1: task_id must be an integer, got None", True),
-    ("infer_task_id_string", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idtwo.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idtwo.jsonl:2: task_id must be an integer, got 'two'", True),
-    ("infer_task_id_float", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idfloat.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idfloat.jsonl:1: task_id must be an integer, got 1.7", True),
-    ("infer_TASK_ID_out_of_range", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/plain.txt'", "--gin.TASK_ID=7", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "TASK_ID: task_id 7 is out of range", True),
-    ("infer_not_utf8", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/latin1.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "latin1.txt:2: not UTF-8", True),
-    ("infer_bad_json", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/badjson.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "badjson.jsonl:1: invalid JSON", True),
-    ("infer_json_without_inputs", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/noinputs.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "expected a string 'inputs' field", True),
-    ("infer_missing_input_file", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/nope.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "nope.txt' does not exist", True),
-    ("infer_input_file_is_dir", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/out_dir'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "is a directory; expected a text file", True),
-    ("infer_output_is_dir", I, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/plain.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/out_dir'"), "INFER_OUTPUT_FILE", True),
-    ("infer_nothing_to_decode", I, lambda m, f: infer_args(m, "--gin.MIXTURE_OR_TASK_NAME=None", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "Nothing to decode", True),
-    ("infer_num_tasks_below_mixture", I, lambda m, f: infer_args(m, "--gin.NUM_TASKS=3", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "but the model has NUM_TASKS=3", True),
+    ("infer_task_id_99", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/id99.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "id99.jsonl:2: task_id 99 is out of range: expected 0 <= task_id < NUM_TASKS=4", True),
+    ("infer_task_id_negative", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idneg.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idneg.jsonl:1: task_id -1 is out of range", True),
+    ("infer_task_id_null", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idnull.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idnull.jsonl:1: task_id must be an integer, got None", True),
+    ("infer_task_id_string", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idtwo.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idtwo.jsonl:2: task_id must be an integer, got 'two'", True),
+    ("infer_task_id_float", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/idfloat.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "idfloat.jsonl:1: task_id must be an integer, got 1.7", True),
+    ("infer_TASK_ID_out_of_range", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/plain.txt'", "--gin.TASK_ID=7", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "TASK_ID: task_id 7 is out of range", True),
+    ("infer_not_utf8", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/latin1.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "latin1.txt:2: not UTF-8", True),
+    ("infer_bad_json", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/badjson.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "badjson.jsonl:1: invalid JSON", True),
+    ("infer_json_without_inputs", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/noinputs.jsonl'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "expected a string 'inputs' field", True),
+    ("infer_missing_input_file", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/nope.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "nope.txt' does not exist", True),
+    ("infer_input_file_is_dir", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/out_dir'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "is a directory; expected a text file", True),
+    ("infer_output_is_dir", INF, lambda m, f: infer_args(m, f"--gin.INPUT_FILE='{f['dir']}/plain.txt'", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/out_dir'"), "INFER_OUTPUT_FILE", True),
+    ("infer_nothing_to_decode", INF, lambda m, f: infer_args(m, "--gin.MIXTURE_OR_TASK_NAME=None", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "Nothing to decode", True),
+    ("infer_num_tasks_below_mixture", INF, lambda m, f: infer_args(m, "--gin.NUM_TASKS=3", f"--gin.INFER_OUTPUT_FILE='{f['dir']}/p.jsonl'"), "but the model has NUM_TASKS=3", True),
     # -- evaluation --------------------------------------------------------------------
     ("eval_output_dir_is_file", E, lambda m, f: eval_args(m, f"--gin.EVAL_OUTPUT_DIR='{f['dir']}/a_file'"), "EVAL_OUTPUT_DIR", True),
     ("eval_batch_size_zero", E, lambda m, f: eval_args(m, f"--gin.EVAL_OUTPUT_DIR='{f['dir']}/ev'", "--gin.BATCH_SIZE=0"), "BATCH_SIZE must be a positive int, got 0", True),
