@@ -270,7 +270,7 @@ def masked_mean(embedded_BLE: Array, mask_BL: Array) -> Array:
     return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-class SMoP(nn.Module):
+class SMoP(prompts.InputHook, nn.Module):
     """Sparse mixture of prompts (input hook).
 
     Attributes:
@@ -292,7 +292,7 @@ class SMoP(nn.Module):
     max_length: int | None = None
 
     def __post_init__(self):
-        prompts.check_prompt_length(self.length, self.max_length)
+        self._check_length()
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
             raise ValueError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
         super().__post_init__()
@@ -309,14 +309,12 @@ class SMoP(nn.Module):
     ) -> Tuple[Array, Array]:
         """`[B, L, E]`, `[B, L]` -> `[B, l + L, E]`, `[B, l + L]`. `task_ids` are unused."""
         del task_ids
-        prompts.check_embedded(embedded_inputs, input_mask)
-        _, length, emb_dim = embedded_inputs.shape
-        prompts.check_inputs_fit(length, self.length, self.max_length)
-        prompts_KPE = prompts.param_with_axes(
+        _, _, emb_dim = self._input_shape(embedded_inputs, input_mask)
+        prompts_KPE = self._prompt_param(
             "prompts",
-            lambda rng, s: self.prompt_init(rng, s, embedding_table=embedding_table),
             (self.num_prompts, self.length, emb_dim),
-            axes=("prompt_experts", "prompt", "prompt_embed"),
+            ("prompt_experts", "prompt", "prompt_embed"),
+            embedding_table,
         )
         sentence_BE = masked_mean(embedded_inputs, input_mask)
         # The router runs in float32 whatever the activation dtype: its softmax decides
@@ -344,10 +342,4 @@ class SMoP(nn.Module):
         )
         self.sow("intermediates", "mean_max_prob", jnp.mean(jnp.max(probs_BK, -1)))
 
-        embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
-        embedded = nn.with_logical_constraint(embedded, ("batch", "length", "embed"))
-        return embedded, mask
-
-    def extend_mask(self, input_mask: Array) -> Array:
-        """`[B, L]` -> `[B, l + L]`."""
-        return self.combination.extend_mask(input_mask, self.length)
+        return self._prepend(prompt_BPE, embedded_inputs, input_mask)
