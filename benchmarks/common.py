@@ -23,7 +23,11 @@ GIB = 2**30
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model_tuning": ("methods/model_tuning.gin", ()),
     "prompt_tuning": ("methods/prompt_tuning.gin", ("PROMPT_LENGTH=100",)),
-    "smop": ("methods/smop.gin", ("NUM_PROMPTS=4", "PROMPT_LENGTH=5")),
+    "smop": (
+        "methods/smop.gin",
+        # Its schedule follows the run's length (runs/finetune.gin binds it in training).
+        ("NUM_PROMPTS=4", "PROMPT_LENGTH=5", "optim.create_learning_rate_scheduler.total_steps=1000"),
+    ),
     "hyperprompt_share": ("methods/hyperprompt_share.gin", ("NUM_TASKS=8",)),
     "hyperprompt_sep": ("methods/hyperprompt_sep.gin", ("NUM_TASKS=8",)),
     "hyperprompt_global": ("methods/hyperprompt_global.gin", ("NUM_TASKS=8",)),

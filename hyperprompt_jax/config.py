@@ -8,15 +8,19 @@ numerics.
 
 The sizes follow the T5.1.1 release (head_dim 64, vocab 32128, GeGLU MLP, untied
 logits) and the original T5 v1.0 release (ReLU MLP, logits through the shared
-embedding scaled by 1/sqrt(d)).
+embedding scaled by 1/sqrt(d)). They are written once, in `gin/models/*.gin`;
+`t5_1_1(size)` / `t5_1_0(size)` read those files (`from_gin_file`) with gin's parser,
+without touching gin's global configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import os
+from typing import Any, NamedTuple, Sequence
 
 import jax.numpy as jnp
+from gin import config_parser as gin_parser
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -130,71 +134,130 @@ class T5Config:
         return dataclasses.replace(self, **changes)
 
 
-# T5.1.1 sizes (DESIGN.md, "Facts to match"): (emb_dim, num_heads, mlp_dim, layers).
-_T5_1_1_SIZES = {
-    "small": dict(emb_dim=512, num_heads=6, mlp_dim=1024, num_layers=8),
-    "base": dict(emb_dim=768, num_heads=12, mlp_dim=2048, num_layers=12),
-    "large": dict(emb_dim=1024, num_heads=16, mlp_dim=2816, num_layers=24),
-    "xl": dict(emb_dim=2048, num_heads=32, mlp_dim=5120, num_layers=24),
-    "xxl": dict(emb_dim=4096, num_heads=64, mlp_dim=10240, num_layers=24),
-}
+# ----------------------------------------------------------------------------------------
+# Published sizes: read from gin/models/*.gin (the one source of truth)
+# ----------------------------------------------------------------------------------------
 
-# T5 v1.0 sizes: (emb_dim, num_heads, mlp_dim, layers).
-_T5_1_0_SIZES = {
-    "small": dict(emb_dim=512, num_heads=8, mlp_dim=2048, num_layers=6),
-    "base": dict(emb_dim=768, num_heads=12, mlp_dim=3072, num_layers=12),
-    "large": dict(emb_dim=1024, num_heads=16, mlp_dim=4096, num_layers=24),
-    "3b": dict(emb_dim=1024, num_heads=32, mlp_dim=16384, num_layers=24, head_dim=128),
-    "11b": dict(emb_dim=1024, num_heads=128, mlp_dim=65536, num_layers=24, head_dim=128),
-}
+# The architecture fields a model file binds; execution settings (dtype, dropout, remat)
+# keep T5Config's defaults here (float32, no dropout) and are the caller's overrides.
+_ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "emb_dim",
+    "num_heads",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "head_dim",
+    "mlp_dim",
+    "mlp_activations",
+    "logits_via_embedding",
+    "float32_attention_logits",
+)
 
-T5_1_1_SIZES = tuple(_T5_1_1_SIZES)
-T5_1_0_SIZES = tuple(_T5_1_0_SIZES)
+T5_1_1_SIZES = ("small", "base", "large", "xl", "xxl")
+T5_1_0_SIZES = ("small", "base", "large", "3b", "11b")
 
 
-def _from_table(table: dict, family: str, size: str, overrides: dict) -> T5Config:
-    if size not in table:
-        raise ValueError(f"Unknown {family} size {size!r}; expected one of {sorted(table)}.")
-    spec = dict(table[size])
-    layers = spec.pop("num_layers")
-    fields = dict(
-        vocab_size=32128,
-        head_dim=64,
-        num_encoder_layers=layers,
-        num_decoder_layers=layers,
-        dropout_rate=0.0,
-    )
-    # A size may override the defaults above (T5 v1.0 3B / 11B use head_dim 128).
-    fields.update(spec)
+class _Macro(NamedTuple):
+    name: str
+
+
+class _Reference(NamedTuple):
+    name: str
+
+
+class _Delegate(gin_parser.ParserDelegate):
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return _Reference(scoped_configurable_name)
+
+    def macro(self, macro_name):
+        return _Macro(macro_name)
+
+
+def _gin_statements(path: str, seen: tuple[str, ...] = ()) -> list[Any]:
+    """A gin file's binding statements, its includes first (in file order)."""
+    from hyperprompt_jax import gin_utils  # gin_utils imports nothing of the library
+
+    for root in gin_utils.search_paths():
+        full = os.path.join(root, path)  # an absolute `path` stays itself
+        if os.path.isfile(full):
+            break
+    else:
+        raise FileNotFoundError(f"No gin file {path!r} in {gin_utils.search_paths()}.")
+    if full in seen:
+        raise ValueError(f"Include cycle through {full}.")
+    out = []
+    with open(full) as f:
+        for statement in gin_parser.ConfigParser(f, _Delegate()):
+            if isinstance(statement, gin_parser.IncludeStatement):
+                out.extend(_gin_statements(statement.filename, (*seen, full)))
+            elif isinstance(statement, gin_parser.BindingStatement):
+                out.append(statement)
+    return out
+
+
+def from_gin_file(path: str, **overrides: Any) -> T5Config:
+    """The architecture a model gin file binds to `config.T5Config`, without gin's state.
+
+    Reads the file (by relative name, e.g. 'models/t5_1_1_base.gin', found like the
+    launchers find it) and its includes with gin's own parser, resolving macros the files
+    define; nothing is registered or bound in gin. Only architecture fields are taken
+    (dtype, dropout and remat keep `T5Config`'s defaults: float32, dropout 0).
+
+    Args:
+      path: a model gin file.
+      **overrides: T5Config fields to change (e.g. dtype='bfloat16').
+
+    Raises:
+      FileNotFoundError: no such gin file.
+      ValueError: a field bound to a value that is neither a literal nor a macro the
+        files define.
+    """
+    macros: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    for st in _gin_statements(path):
+        if not st.arg_name and not st.scope and "." not in st.selector:
+            macros[st.selector] = st.value  # `NAME = value`
+        elif st.selector in ("config.T5Config", "T5Config") and st.arg_name in _ARCHITECTURE_FIELDS:
+            fields[st.arg_name] = st.value
+
+    def resolve(value: Any, name: str) -> Any:
+        for _ in range(10):  # macros may point at macros
+            if not isinstance(value, _Macro):
+                break
+            if value.name not in macros:
+                raise ValueError(f"{path}: T5Config.{name} = %{value.name}, an undefined macro.")
+            value = macros[value.name]
+        if isinstance(value, (_Macro, _Reference)):
+            raise ValueError(f"{path}: T5Config.{name} is not a literal ({value}).")
+        return value
+
+    fields = {name: resolve(value, name) for name, value in fields.items()}
+    fields.setdefault("dropout_rate", 0.0)
     fields.update(overrides)
     return T5Config(**fields)
 
 
+def _from_size(family: str, sizes: Sequence[str], size: str, overrides: dict) -> T5Config:
+    if size not in sizes:
+        raise ValueError(f"Unknown {family} size {size!r}; expected one of {sorted(sizes)}.")
+    return from_gin_file(f"models/{family}_{size}.gin", **overrides)
+
+
 def t5_1_1(size: str, **overrides: Any) -> T5Config:
-    """T5.1.1 / LM-adapted config: GeGLU, untied logits, no bias, 32128 vocab.
+    """T5.1.1 / LM-adapted config (GeGLU, untied logits, 32128 vocab) from its gin file.
 
     Args:
-      size: one of 'small', 'base', 'large', 'xl', 'xxl'.
+      size: one of 'small', 'base', 'large', 'xl', 'xxl' (`gin/models/t5_1_1_<size>.gin`).
       **overrides: T5Config fields to change (e.g. dtype='bfloat16').
     """
-    return _from_table(
-        _T5_1_1_SIZES,
-        "T5.1.1",
-        size,
-        dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False, **overrides),
-    )
+    return _from_size("t5_1_1", T5_1_1_SIZES, size, overrides)
 
 
 def t5_1_0(size: str, **overrides: Any) -> T5Config:
-    """Original T5 (v1.0) config: ReLU MLP, logits through the tied embedding.
+    """Original T5 (v1.0) config (ReLU MLP, logits through the tied embedding).
 
     Args:
-      size: one of 'small', 'base', 'large', '3b', '11b'.
+      size: one of 'small', 'base', 'large', '3b', '11b' (`gin/models/t5_1_0_<size>.gin`).
       **overrides: T5Config fields to change.
     """
-    return _from_table(
-        _T5_1_0_SIZES,
-        "T5 v1.0",
-        size,
-        dict(mlp_activations=("relu",), logits_via_embedding=True, **overrides),
-    )
+    return _from_size("t5_1_0", T5_1_0_SIZES, size, overrides)

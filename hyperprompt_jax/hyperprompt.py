@@ -11,12 +11,15 @@ and cross-attention is untouched (all handled by `layers.MultiHeadDotProductAtte
 Every task `tau` has a global prompt `P_tau [l, d]` (`hyperprompt/task_prompts`).
 Each layer's key and value HyperNetworks are bottlenecks,
 `h(P) = ReLU(P D) U` with `D [d, b]` and `U [b, heads * head_dim]` (Eq. 4), bias-free
-as the paper writes them. The variants differ in where `D`, `U` come from:
+as the paper writes them. The variants differ in where `D`, `U` come from; each is a
+`HyperNetworks` piece chosen by gin (`hyperprompt.HyperPrompt.hypernetworks`):
 
-* `'share'` (HyperPrompt-Share): one key and one value HyperNetwork per layer, shared by
-  all tasks: `hyperprompt/{encoder,decoder}/{key,value}_{down,up}`, `[layers, ...]`.
-* `'sep'` (HyperPrompt-Sep): one per task and layer: `[tasks, layers, ...]`.
-* `'global'` (HyperPrompt-Global): a layer-aware task embedding
+* `PerLayer()` (HyperPrompt-Share): one key and one value HyperNetwork per layer,
+  shared by all tasks: `hyperprompt/{encoder,decoder}/{key,value}_{down,up}`,
+  `[layers, ...]`.
+* `PerLayer(per_task=True)` (HyperPrompt-Sep): one per task and layer, the same module
+  with a leading task axis: `[tasks, layers, ...]`.
+* `Global()` (HyperPrompt-Global): a layer-aware task embedding
   `I_tau^m = MLP([k_tau; z_m])` (task embedding `k_tau`, layer embedding `z_m`, a
   two-layer ReLU projector) drives global HyperNetworks that generate each layer's
   weights linearly, `D_tau^m = sum_s I_s W_D[s]`, `U_tau^m = sum_s I_s W_U[s]` (Section
@@ -53,7 +56,8 @@ K = heads * head_dim, S layer-aware task embedding width t, B batch.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import dataclasses
+from typing import Any, Mapping, Protocol, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +72,12 @@ Array = jax.Array
 PrefixKV = Tuple[Array, Array]
 
 param_with_axes = nn_partitioning.param_with_axes
-
-VARIANTS = ("share", "sep", "global")
 STACKS = ("encoder", "decoder")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 def _fan_in_init(in_axis=-2, out_axis=-1, batch_axis=()) -> nn.initializers.Initializer:
@@ -81,73 +88,91 @@ def _fan_in_init(in_axis=-2, out_axis=-1, batch_axis=()) -> nn.initializers.Init
     )
 
 
-def _bottleneck(prompt_TPE: Array, down: Array, up: Array, spec_down: str, spec_up: str):
-    """`ReLU(P D) U` with einsum specs for the (possibly per-task) weights."""
-    hidden = jax.nn.relu(jnp.einsum(spec_down, prompt_TPE, down))
-    return jnp.einsum(spec_up, hidden, up)
+# ----------------------------------------------------------------------------------------
+# HyperNetworks: the variant, a typed piece chosen by gin
+# ----------------------------------------------------------------------------------------
 
 
-class ShareHyperNetworks(nn.Module):
-    """HyperPrompt-Share: one key and one value HyperNetwork per layer, for all tasks."""
+class HyperNetworks(Protocol):
+    """Where each layer's key/value HyperNetworks come from (the HyperPrompt variant).
+
+    Called inside `HyperPrompt.__call__` (so parameters and submodules it creates live
+    under `hyperprompt/`), once per stack.
+    """
+
+    def __call__(
+        self, prompts_TPE: Array, *, stack: str, num_layers: int, bottleneck_dim: int, kv_dim: int
+    ) -> Tuple[Array, Array]:
+        """Global prompts `[T, P, E]` -> keys, values `[T, M, P, K]` for the stack's M layers."""
+
+    def num_parameters(self, config: T5Config, num_tasks: int, bottleneck_dim: int) -> int:
+        """Closed-form count of the parameters it adds (both stacks)."""
+
+
+class LayerHyperNetworks(nn.Module):
+    """Per-layer key and value bottlenecks `ReLU(P D) U`, optionally one set per task.
+
+    `num_tasks=None`: HyperPrompt-Share, kernels `[M, ...]` shared by all tasks;
+    `num_tasks=T`: HyperPrompt-Sep, kernels `[T, M, ...]` (a leading task axis).
+    Parameters `{key,value}_{down,up}`.
+    """
 
     num_layers: int
     bottleneck_dim: int
     kv_dim: int
+    num_tasks: int | None = None
 
     @nn.compact
     def __call__(self, prompt_TPE: Array) -> Tuple[Array, Array]:
         """`[T, P, E]` -> keys, values `[T, M, P, K]`."""
         emb_dim = prompt_TPE.shape[-1]
+        lead, lead_axes, spec = (), ("layers",), "m"
+        if self.num_tasks is not None:
+            lead, lead_axes, spec = (self.num_tasks,), ("tasks", "layers"), "tm"
+        batch_axis = tuple(range(len(lead) + 1))  # tasks and layers are not fan-in
         out = []
         for kind in ("key", "value"):
             down = param_with_axes(
                 f"{kind}_down",
-                _fan_in_init(batch_axis=(0,)),
-                (self.num_layers, emb_dim, self.bottleneck_dim),
-                axes=("layers", "prompt_embed", "bottleneck"),
+                _fan_in_init(batch_axis=batch_axis),
+                (*lead, self.num_layers, emb_dim, self.bottleneck_dim),
+                axes=(*lead_axes, "prompt_embed", "bottleneck"),
             )
             up = param_with_axes(
                 f"{kind}_up",
-                _fan_in_init(batch_axis=(0,)),
-                (self.num_layers, self.bottleneck_dim, self.kv_dim),
-                axes=("layers", "bottleneck", "prompt_kv"),
+                _fan_in_init(batch_axis=batch_axis),
+                (*lead, self.num_layers, self.bottleneck_dim, self.kv_dim),
+                axes=(*lead_axes, "bottleneck", "prompt_kv"),
             )
-            out.append(_bottleneck(prompt_TPE, down, up, "tpe,men->tmpn", "tmpn,mnk->tmpk"))
+            hidden_TMPN = jax.nn.relu(jnp.einsum(f"tpe,{spec}en->tmpn", prompt_TPE, down))
+            out.append(jnp.einsum(f"tmpn,{spec}nk->tmpk", hidden_TMPN, up))
         return out[0], out[1]
 
 
-class SepHyperNetworks(nn.Module):
-    """HyperPrompt-Sep: one key and one value HyperNetwork per task and layer."""
+@dataclasses.dataclass(frozen=True)
+class PerLayer:
+    """HyperPrompt-Share (`per_task=False`) or -Sep (`per_task=True`): local HyperNetworks.
 
-    num_tasks: int
-    num_layers: int
-    bottleneck_dim: int
-    kv_dim: int
+    Parameters `hyperprompt/{encoder,decoder}/{key,value}_{down,up}`.
+    """
 
-    @nn.compact
-    def __call__(self, prompt_TPE: Array) -> Tuple[Array, Array]:
-        """`[T, P, E]` -> keys, values `[T, M, P, K]`."""
-        emb_dim = prompt_TPE.shape[-1]
-        out = []
-        for kind in ("key", "value"):
-            down = param_with_axes(
-                f"{kind}_down",
-                _fan_in_init(batch_axis=(0, 1)),
-                (self.num_tasks, self.num_layers, emb_dim, self.bottleneck_dim),
-                axes=("tasks", "layers", "prompt_embed", "bottleneck"),
-            )
-            up = param_with_axes(
-                f"{kind}_up",
-                _fan_in_init(batch_axis=(0, 1)),
-                (self.num_tasks, self.num_layers, self.bottleneck_dim, self.kv_dim),
-                axes=("tasks", "layers", "bottleneck", "prompt_kv"),
-            )
-            out.append(_bottleneck(prompt_TPE, down, up, "tpe,tmen->tmpn", "tmpn,tmnk->tmpk"))
-        return out[0], out[1]
+    per_task: bool = False
+
+    def __call__(self, prompts_TPE, *, stack, num_layers, bottleneck_dim, kv_dim):
+        num_tasks = prompts_TPE.shape[0] if self.per_task else None
+        return LayerHyperNetworks(num_layers, bottleneck_dim, kv_dim, num_tasks, name=stack)(
+            prompts_TPE
+        )
+
+    def num_parameters(self, config, num_tasks, bottleneck_dim):
+        # Share: M 2 (d b + b K); Sep: T M 2 (d b + b K), M = all self-attention layers.
+        layers = config.num_encoder_layers + config.num_decoder_layers
+        return (num_tasks if self.per_task else 1) * layers * _per_net(config, bottleneck_dim)
 
 
-class GlobalHyperNetworks(nn.Module):
-    """HyperPrompt-Global: layer-aware task embeddings drive global HyperNetworks.
+class GlobalHyperNetworkGenerator(nn.Module):
+    """HyperPrompt-Global's shared part: layer-aware task embeddings drive global
+    HyperNetworks that generate every layer's local HyperNetworks.
 
     Attributes:
       num_tasks: T.
@@ -225,6 +250,72 @@ class GlobalHyperNetworks(nn.Module):
         return x @ kernel + bias
 
 
+@dataclasses.dataclass(frozen=True)
+class Global:
+    """HyperPrompt-Global: one generator (`hyperprompt/global/...`) for both stacks, and
+    a layer embedding per layer of each stack (`hyperprompt/{stack}_layer_embeddings`).
+
+    Attributes:
+      task_embed_dim: width t' of the task and layer embeddings.
+      projector_hidden_dim: hidden width of the task projector MLP.
+      layer_task_embed_dim: width t of the layer-aware task embedding.
+    """
+
+    task_embed_dim: int = 32
+    projector_hidden_dim: int = 32
+    layer_task_embed_dim: int = 32
+
+    def __post_init__(self):
+        for name in ("task_embed_dim", "projector_hidden_dim", "layer_task_embed_dim"):
+            _check_positive(f"Global.{name}", getattr(self, name))
+
+    def __call__(self, prompts_TPE, *, stack, num_layers, bottleneck_dim, kv_dim):
+        layer_emb = param_with_axes(
+            f"{stack}_layer_embeddings",
+            nn.initializers.normal(1.0),
+            (num_layers, self.task_embed_dim),
+            jnp.float32,
+            axes=("layers", "task_embed"),
+        )
+        return GlobalHyperNetworkGenerator(
+            prompts_TPE.shape[0],
+            bottleneck_dim,
+            kv_dim,
+            self.task_embed_dim,
+            self.projector_hidden_dim,
+            self.layer_task_embed_dim,
+            name="global",
+        )(prompts_TPE, layer_emb)
+
+    def num_parameters(self, config, num_tasks, bottleneck_dim):
+        # T t' + M t' + projector + 2 t (d b + b K).
+        t_emb, hidden, t = self.task_embed_dim, self.projector_hidden_dim, self.layer_task_embed_dim
+        layers = config.num_encoder_layers + config.num_decoder_layers
+        projector = 2 * t_emb * hidden + hidden + hidden * t + t
+        return (
+            num_tasks * t_emb + layers * t_emb + projector + t * _per_net(config, bottleneck_dim)
+        )
+
+
+def _per_net(config: T5Config, bottleneck_dim: int) -> int:
+    """Key and value bottlenecks of one layer: `2 (d b + b K)`."""
+    kv = config.num_heads * config.head_dim
+    return 2 * (config.emb_dim * bottleneck_dim + bottleneck_dim * kv)
+
+
+# The paper's three variants by name (tests, benchmarks, docs iterate over them).
+VARIANTS: Mapping[str, HyperNetworks] = {
+    "share": PerLayer(per_task=False),
+    "sep": PerLayer(per_task=True),
+    "global": Global(),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The attention hook
+# ----------------------------------------------------------------------------------------
+
+
 class HyperPrompt(nn.Module):
     """Per-layer key/value hyper-prompts for every encoder and decoder self-attention.
 
@@ -232,44 +323,27 @@ class HyperPrompt(nn.Module):
       num_tasks: T (gin macro NUM_TASKS).
       prompt_length: l (gin macro PROMPT_LENGTH).
       bottleneck_dim: b (gin macro BOTTLENECK_DIM).
-      variant: 'share', 'sep' or 'global'.
-      task_embed_dim: HyperPrompt-Global: task and layer embedding width t'.
-      projector_hidden_dim: HyperPrompt-Global: task projector hidden width.
-      layer_task_embed_dim: HyperPrompt-Global: layer-aware task embedding width t.
+      hypernetworks: the variant, a `HyperNetworks`: `PerLayer()` (Share),
+        `PerLayer(per_task=True)` (Sep) or `Global(...)` (gin:
+        `hyperprompt.HyperPrompt.hypernetworks = @hyperprompt.Global()`).
       prompt_init: initialiser of the global prompts `[T, l, d]`.
     """
 
     num_tasks: int
     prompt_length: int = 16
     bottleneck_dim: int = 32
-    variant: str = "share"
-    task_embed_dim: int = 32
-    projector_hidden_dim: int = 32
-    layer_task_embed_dim: int = 32
+    hypernetworks: HyperNetworks = PerLayer()
     prompt_init: prompts.PromptInit = prompts.Uniform(0.5)
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
+        for name in ("num_tasks", "prompt_length", "bottleneck_dim"):
+            _check_positive(f"HyperPrompt.{name}", getattr(self, name))
+        if not callable(self.hypernetworks) or not hasattr(self.hypernetworks, "num_parameters"):
             raise ValueError(
-                f"HyperPrompt.variant must be one of {VARIANTS}, got {self.variant!r}."
+                "HyperPrompt.hypernetworks must be a HyperNetworks (hyperprompt.PerLayer(), "
+                f"PerLayer(per_task=True) or Global()), got {self.hypernetworks!r}."
             )
-        for name in (
-            "num_tasks",
-            "prompt_length",
-            "bottleneck_dim",
-            "task_embed_dim",
-            "projector_hidden_dim",
-            "layer_task_embed_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"HyperPrompt.{name} must be a positive int, got {value!r}.")
         super().__post_init__()
-
-    def _hypernetworks(self, stack: str, num_layers: int, kv_dim: int) -> nn.Module:
-        if self.variant == "share":
-            return ShareHyperNetworks(num_layers, self.bottleneck_dim, kv_dim, name=stack)
-        return SepHyperNetworks(self.num_tasks, num_layers, self.bottleneck_dim, kv_dim, name=stack)
 
     @nn.compact
     def __call__(
@@ -294,34 +368,20 @@ class HyperPrompt(nn.Module):
             task_ids, self.num_tasks, batch_size=batch_size, module="HyperPrompt"
         )
         num_layers = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
-        kv_dim = config.num_heads * config.head_dim
+        heads, head_dim = config.num_heads, config.head_dim
         task_prompts = param_with_axes(
             "task_prompts",
             lambda rng, s: self.prompt_init(rng, s),
             (self.num_tasks, self.prompt_length, config.emb_dim),
             axes=("tasks", "prompt", "prompt_embed"),
         )
-        if self.variant == "global":
-            layer_emb = param_with_axes(
-                f"{stack}_layer_embeddings",
-                nn.initializers.normal(1.0),
-                (num_layers, self.task_embed_dim),
-                jnp.float32,
-                axes=("layers", "task_embed"),
-            )
-            keys_TMPK, values_TMPK = GlobalHyperNetworks(
-                self.num_tasks,
-                self.bottleneck_dim,
-                kv_dim,
-                self.task_embed_dim,
-                self.projector_hidden_dim,
-                self.layer_task_embed_dim,
-                name="global",
-            )(task_prompts, layer_emb)
-        else:
-            keys_TMPK, values_TMPK = self._hypernetworks(stack, num_layers, kv_dim)(task_prompts)
-
-        heads, head_dim = config.num_heads, config.head_dim
+        keys_TMPK, values_TMPK = self.hypernetworks(
+            task_prompts,
+            stack=stack,
+            num_layers=num_layers,
+            bottleneck_dim=self.bottleneck_dim,
+            kv_dim=heads * head_dim,
+        )
 
         def per_example(table_TMPK: Array) -> Array:
             table = task_ids_lib.gather_tasks(table_TMPK, ids, self.num_tasks)  # [B, M, P, K]
@@ -334,41 +394,22 @@ class HyperPrompt(nn.Module):
 
 def added_parameters(
     config: T5Config,
-    variant: str,
+    hypernetworks: HyperNetworks | str,
     num_tasks: int,
     prompt_length: int = 16,
     bottleneck_dim: int = 32,
-    task_embed_dim: int = 32,
-    projector_hidden_dim: int = 32,
-    layer_task_embed_dim: int = 32,
 ) -> int:
     """Closed-form count of HyperPrompt's parameters (checked against the module in tests).
 
-    Share: `T l d + M 2 (d b + b K)`; Sep: `T l d + T M 2 (d b + b K)`; Global:
-    `T l d + T t' + M t' + projector + 2 t (d b + b K)`, with M all self-attention
-    layers (encoder + decoder) and K = heads * head_dim.
+    `T l d` global prompts plus the variant's HyperNetworks (`HyperNetworks.
+    num_parameters`): Share `M 2 (d b + b K)`; Sep `T M 2 (d b + b K)`; Global
+    `T t' + M t' + projector + 2 t (d b + b K)`, with M all self-attention layers
+    (encoder + decoder) and K = heads * head_dim. `hypernetworks` may be a variant name
+    of `VARIANTS`.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    d, b = config.emb_dim, bottleneck_dim
-    kv = config.num_heads * config.head_dim
-    layers = config.num_encoder_layers + config.num_decoder_layers
-    prompts_ = num_tasks * prompt_length * d
-    per_net = 2 * (d * b + b * kv)  # key and value bottlenecks.
-    if variant == "share":
-        return prompts_ + layers * per_net
-    if variant == "sep":
-        return prompts_ + num_tasks * layers * per_net
-    projector = (
-        2 * task_embed_dim * projector_hidden_dim
-        + projector_hidden_dim
-        + projector_hidden_dim * layer_task_embed_dim
-        + layer_task_embed_dim
-    )
-    return (
-        prompts_
-        + num_tasks * task_embed_dim
-        + layers * task_embed_dim
-        + projector
-        + layer_task_embed_dim * per_net
-    )
+    if isinstance(hypernetworks, str):
+        if hypernetworks not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {hypernetworks!r}.")
+        hypernetworks = VARIANTS[hypernetworks]
+    prompts_ = num_tasks * prompt_length * config.emb_dim
+    return prompts_ + hypernetworks.num_parameters(config, num_tasks, bottleneck_dim)

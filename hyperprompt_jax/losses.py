@@ -164,6 +164,44 @@ def compute_weighted_cross_entropy(
     return jnp.sum(total_loss), jnp.sum(total_z_loss), weight_sum
 
 
+def symmetric_kl(
+    logits_a: jax.Array,
+    logits_b: jax.Array,
+    weights: jax.Array | None = None,
+    loss_normalizing_factor: float | jax.Array | None = None,
+) -> jax.Array:
+    """Summed symmetric KL divergence between two passes' output distributions.
+
+    Per target token, `0.5 * (KL(sg(p_b) || p_a) + KL(sg(p_a) || p_b))` with
+    `p = softmax(logits)` and `sg` a stop-gradient: each pass is pulled towards the
+    other, held fixed (the SMoP authors' `symmetric_KL_loss`, R-Drop's consistency).
+    Token values are weighted, summed and divided by `loss_normalizing_factor` like
+    `compute_weighted_cross_entropy`, so a weight on this term is relative to the
+    cross-entropy of one token.
+
+    Args:
+      logits_a, logits_b: `[batch, length, vocab]` logits of two forward passes.
+      weights: optional `[batch, length]` per-token weights (e.g. 0 on padding).
+      loss_normalizing_factor: optional constant the sum is divided by.
+
+    Returns:
+      A float32 scalar, >= 0 (0 when the passes agree).
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"Logit shapes differ: {logits_a.shape} vs {logits_b.shape}.")
+    log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
+    log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
+    fixed_a, fixed_b = jax.lax.stop_gradient(log_a), jax.lax.stop_gradient(log_b)
+    kl_b_a = jnp.sum(jnp.exp(fixed_b) * (fixed_b - log_a), axis=-1)  # KL(p_b || p_a)
+    kl_a_b = jnp.sum(jnp.exp(fixed_a) * (fixed_a - log_b), axis=-1)  # KL(p_a || p_b)
+    per_token = 0.5 * (kl_b_a + kl_a_b)
+    if weights is not None:
+        per_token = per_token * weights
+    if loss_normalizing_factor is not None:
+        per_token = per_token / loss_normalizing_factor
+    return jnp.sum(per_token)
+
+
 @enum.unique
 class LossNormalizingFactor(enum.Enum):
     """Loss normalisations computed from the batch (t5x's `SpecialLossNormalizingFactor`).

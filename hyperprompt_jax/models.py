@@ -123,6 +123,7 @@ class EncoderDecoderModel:
         z_loss: float = 0.0,
         loss_normalizing_factor: float | int | str | losses.LossNormalizingFactor | None = None,
         feature_converter_cls: Callable[..., Any] | None = None,
+        consistency_weight: float = 0.0,
     ):
         """Builds the wrapper.
 
@@ -136,14 +137,21 @@ class EncoderDecoderModel:
           loss_normalizing_factor: None, a number, a `losses.LossNormalizingFactor` or
             its name (e.g. 'NUM_REAL_TARGET_TOKENS').
           feature_converter_cls: override of `FEATURE_CONVERTER_CLS`.
+          consistency_weight: if > 0, training runs two forward passes with different
+            dropout / routing randomness and minimises both losses plus this weight
+            times `losses.symmetric_kl` between them (the SMoP authors' consistency
+            loss for random routing, weight 0.1; `gin/methods/smop_random.gin`).
 
         Raises:
-          ValueError: for a bad label smoothing, z-loss or normalizing factor name.
+          ValueError: for a bad label smoothing, z-loss, consistency weight or
+            normalizing factor name.
         """
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
         if float(z_loss) < 0.0:
             raise ValueError(f"z_loss must be >= 0, got {z_loss!r}.")
+        if float(consistency_weight) < 0.0:
+            raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight!r}.")
         if isinstance(loss_normalizing_factor, str):
             loss_normalizing_factor = losses.convert_loss_normalizing_factor(
                 loss_normalizing_factor
@@ -158,6 +166,7 @@ class EncoderDecoderModel:
         self.z_loss = float(z_loss)
         self.loss_normalizing_factor = loss_normalizing_factor
         self._feature_converter_cls = feature_converter_cls
+        self.consistency_weight = float(consistency_weight)
 
     @property
     def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
@@ -270,7 +279,10 @@ class EncoderDecoderModel:
 
         Returns:
           `(loss, metrics)`, or `(loss, (metrics, intermediates))` with
-          `return_intermediates=True`. `metrics` is `compute_base_metrics`'s dict.
+          `return_intermediates=True`. `metrics` is `compute_base_metrics`'s dict (of
+          the first pass; with `consistency_weight` > 0 and dropout on, the returned
+          loss is both passes' plus the weighted consistency term, whose unweighted
+          value is reported as `consistency_loss`).
         """
         if return_intermediates:
             logits, state = self._compute_logits(
@@ -297,9 +309,33 @@ class EncoderDecoderModel:
             loss_normalizing_factor=factor,
         )
         metrics = compute_base_metrics(logits, targets, weights, loss, z_loss, weight_sum)
+        if self.consistency_weight > 0.0 and dropout_rng is not None:
+            loss, metrics = self._add_consistency(
+                params, batch, dropout_rng, logits, loss, weights, factor, metrics
+            )
         if return_intermediates:
             return loss, (metrics, intermediates)
         return loss, metrics
+
+    def _add_consistency(self, params, batch, dropout_rng, logits, loss, weights, factor, metrics):
+        """A second pass with fresh randomness: `loss + loss_2 + w * symmetric KL`.
+
+        (The authors' code falls back to the first loss alone when both passes' losses
+        are exactly equal; we always use both.)
+        """
+        second_rng = jax.random.fold_in(dropout_rng, 1)
+        logits_2 = self._compute_logits(params, batch, second_rng)
+        loss_2, _, _ = losses.compute_weighted_cross_entropy(
+            logits_2,
+            targets=batch["decoder_target_tokens"],
+            weights=weights,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            loss_normalizing_factor=factor,
+        )
+        consistency = losses.symmetric_kl(logits, logits_2, weights, factor)
+        total = loss + loss_2 + self.consistency_weight * consistency
+        return total, {**metrics, "consistency_loss": consistency}
 
     def eval_fn(self, params: PyTree, batch: Batch) -> tuple[Array, dict[str, Array]]:
         """`loss_fn` without dropout."""

@@ -330,7 +330,53 @@ def check_embedded(embedded: Array, mask: Array) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-class SoftPrompt(nn.Module):
+class InputHook:
+    """What every prompt input hook does around its own prompt (mixed into `SoftPrompt`
+    and `smop.SMoP`): validate the inputs, create the prompt parameter, prepend it.
+
+    The module provides `length` (prompt positions prepended), `max_length` (optional
+    encoder budget including the prompt), `combination` and `prompt_init`.
+    """
+
+    length: int
+    max_length: int | None
+    combination: Combination
+    prompt_init: PromptInit
+
+    def _check_length(self) -> None:
+        """For `__post_init__`: a positive length that leaves room in `max_length`."""
+        check_prompt_length(self.length, self.max_length)
+
+    def _input_shape(self, embedded_inputs: Array, input_mask: Array) -> Tuple[int, int, int]:
+        """Validates `[B, L, E]` / `[B, L]` inputs and the budget; returns `(B, L, E)`."""
+        check_embedded(embedded_inputs, input_mask)
+        batch, length, emb_dim = embedded_inputs.shape
+        check_inputs_fit(length, self.length, self.max_length)
+        return batch, length, emb_dim
+
+    def _prompt_param(
+        self, name: str, shape: Shape, axes: Tuple[str, ...], embedding_table: Array | None
+    ) -> Array:
+        """The prompt parameter, initialised by `prompt_init` (which may read the table)."""
+        return param_with_axes(
+            name,
+            lambda rng, s: self.prompt_init(rng, s, embedding_table=embedding_table),
+            shape,
+            axes=axes,
+        )
+
+    def _prepend(self, prompt_BPE: Array, embedded_inputs: Array, input_mask: Array):
+        """`[B, P, E]` prompt + inputs -> `[B, P + L, E]`, `[B, P + L]` (`combination`)."""
+        embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
+        return nn.with_logical_constraint(embedded, ("batch", "length", "embed")), mask
+
+    def extend_mask(self, input_mask: Array) -> Array:
+        """`[B, L]` -> `[B, P + L]`, the mask the hook returns, without embeddings."""
+        return self.combination.extend_mask(input_mask, self.length)
+
+
+
+class SoftPrompt(InputHook, nn.Module):
     """A trainable prompt prepended to the encoder input embeddings (input hook).
 
     Attributes:
@@ -351,7 +397,7 @@ class SoftPrompt(nn.Module):
     max_length: int | None = None
 
     def __post_init__(self):
-        check_prompt_length(self.length, self.max_length)
+        self._check_length()
         if self.num_tasks is not None and (
             not isinstance(self.num_tasks, int) or self.num_tasks <= 0
         ):
@@ -370,9 +416,7 @@ class SoftPrompt(nn.Module):
     ) -> Tuple[Array, Array]:
         """`[B, L, E]`, `[B, L]` -> `[B, P + L, E]`, `[B, P + L]`."""
         del deterministic
-        check_embedded(embedded_inputs, input_mask)
-        batch, length, emb_dim = embedded_inputs.shape
-        check_inputs_fit(length, self.length, self.max_length)
+        batch, _, emb_dim = self._input_shape(embedded_inputs, input_mask)
         if self.num_tasks is None:
             shape, axes = (self.length, emb_dim), ("prompt", "prompt_embed")
         else:
@@ -380,12 +424,7 @@ class SoftPrompt(nn.Module):
                 (self.num_tasks, self.length, emb_dim),
                 ("tasks", "prompt", "prompt_embed"),
             )
-        prompt = param_with_axes(
-            "prompt",
-            lambda rng, s: self.prompt_init(rng, s, embedding_table=embedding_table),
-            shape,
-            axes=axes,
-        )
+        prompt = self._prompt_param("prompt", shape, axes, embedding_table)
         if self.num_tasks is None:
             prompt_BPE = jnp.broadcast_to(prompt[None], (batch, self.length, emb_dim))
         else:
@@ -393,10 +432,4 @@ class SoftPrompt(nn.Module):
                 task_ids, self.num_tasks, batch_size=batch, module="SoftPrompt"
             )
             prompt_BPE = task_ids_lib.gather_tasks(prompt, ids, self.num_tasks)
-        embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
-        embedded = nn.with_logical_constraint(embedded, ("batch", "length", "embed"))
-        return embedded, mask
-
-    def extend_mask(self, input_mask: Array) -> Array:
-        """`[B, L]` -> `[B, P + L]`."""
-        return self.combination.extend_mask(input_mask, self.length)
+        return self._prepend(prompt_BPE, embedded_inputs, input_mask)

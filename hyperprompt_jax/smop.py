@@ -11,7 +11,8 @@ inputs (mask extended by `l` always-valid positions). Trainable parameters:
 
 Routing is a `Routing` callable chosen by gin; the variants of the paper's routing
 ablation are here, following the authors' code (jyjohnchoi/SMoP,
-`peft_models/tuners/prompt_routing.py`) where the paper leaves a detail open:
+`peft_models/tuners/prompt_routing.py` and `scripts/train.py`) where the paper leaves a
+detail open:
 
 * `TopK(k=1, noise=GaussianNoise(1.0))` (default, the paper's SMoP): router
   perturbation in training only, `logits + sigma * eps * stop_gradient(logits)`,
@@ -24,11 +25,30 @@ ablation are here, following the authors' code (jyjohnchoi/SMoP,
   renormalisation, as the authors' `topk` branch).
 * `Dense()`: every prompt weighted by its probability.
 * `RandomRouting()`: training picks a uniformly random prompt (weight 1); evaluation
-  uses the mean of all prompts (the authors' "stochastic" routing).
-* `Gumbel(temperature)`: hard Gumbel-softmax in training (straight-through: forward
-  one-hot, gradient through the soft probabilities); evaluation is noise-free argmax.
-  (The authors' code also adds Gumbel noise at evaluation; we keep evaluation
-  deterministic, as the issue asks of every variant.)
+  uses the mean of all prompts (the authors' "stochastic" routing). The authors train
+  it with a consistency loss: two forward passes (two random draws), both
+  cross-entropies plus 0.1 x the symmetric KL divergence between the passes' output
+  distributions; `gin/methods/smop_random.gin` turns that on
+  (`models.EncoderDecoderModel.consistency_weight = 0.1`, see `losses.symmetric_kl`).
+* `ProbabilityGumbel()` (the authors' Gumbel routing): the router's *probabilities*
+  (softmax after `Dropout(0.2)` on the logits in training, as their non-perturbed
+  router) plus Gumbel noise, softmax at temperature 1, hard top-1 with a
+  straight-through weight: forward 1 for the chosen prompt, gradient through that
+  prompt's soft sample only (their `topk` of the straight-through output).
+* `Gumbel(temperature)` (ours): hard Gumbel-softmax on the *logits* (the textbook
+  estimator), straight-through over all prompts (forward one-hot, gradient through the
+  soft probabilities).
+  Both Gumbel variants evaluate noise-free (argmax of the probabilities); the authors'
+  code also samples Gumbel noise at evaluation, which makes evaluation random.
+
+Where we keep the paper's behaviour over the authors' code: their top-1 branch builds
+the prompt indices `[B, l]` and multiplies the gathered prompts `[B, l, d]` by the
+probabilities reshaped to `[B, 1, 1, 1]`; broadcasting gives `[B, B, l, d]`, and the sum
+over dim 1 hands every example its own probability times the *sum of the prompts chosen
+by all examples of the batch*. That mixes prompts across the batch (an example's input
+depends on the other examples) and contradicts the paper's per-example top-1 routing
+(Section 2.2); we prepend each example's own chosen prompt scaled by its own
+probability. Their top-k (k > 1) branch has no such broadcast and matches ours.
 
 The routing noise draws from the `'dropout'` RNG stream, which every training step
 already provides. The auxiliary load-balancing loss found in the authors' code is not
@@ -52,7 +72,7 @@ Shapes: B batch, L input length, K number of prompts, P prompt length, E emb_dim
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Tuple
+from typing import ClassVar, Protocol, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +127,14 @@ class LogitDropout:
 
 
 class Routing(Protocol):
-    """Router logits -> per-prompt weights and probabilities."""
+    """Router logits -> per-prompt weights and probabilities.
+
+    `selects_prompts` says how the router statistics count selections: True when the
+    weights pick prompts (the nonzero weights are the selections), False when every
+    prompt is mixed in by its probability (selections weighted by probability).
+    """
+
+    selects_prompts: ClassVar[bool]
 
     def __call__(
         self, logits: Array, *, deterministic: bool, rng: PRNGKey | None
@@ -130,6 +157,7 @@ class TopK:
 
     k: int = 1
     noise: LogitNoise | None = GaussianNoise(1.0)
+    selects_prompts: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -149,6 +177,7 @@ class Dense:
     """All prompts, each weighted by its probability."""
 
     noise: LogitNoise | None = None
+    selects_prompts: ClassVar[bool] = False
 
     def __call__(self, logits, *, deterministic, rng):
         if not deterministic and self.noise is not None:
@@ -162,7 +191,10 @@ class RandomRouting:
     """Training: a uniformly random prompt (weight 1); evaluation: the mean of all prompts.
 
     The router is not used for the choice (its probabilities are still reported).
+    Train it as the authors did with `gin/methods/smop_random.gin` (consistency loss).
     """
+
+    selects_prompts: ClassVar[bool] = True
 
     def __call__(self, logits, *, deterministic, rng):
         probs = jax.nn.softmax(logits, axis=-1)
@@ -175,9 +207,13 @@ class RandomRouting:
 
 @dataclasses.dataclass(frozen=True)
 class Gumbel:
-    """Hard Gumbel-softmax (straight-through) in training; argmax at evaluation."""
+    """Hard Gumbel-softmax on the logits (straight-through) in training; argmax at evaluation.
+
+    Ours (the textbook estimator); the authors' variant is `ProbabilityGumbel`.
+    """
 
     temperature: float = 1.0
+    selects_prompts: ClassVar[bool] = True
 
     def __call__(self, logits, *, deterministic, rng):
         probs = jax.nn.softmax(logits, axis=-1)
@@ -189,6 +225,37 @@ class Gumbel:
         hard = jax.nn.one_hot(jnp.argmax(soft, -1), num, dtype=soft.dtype)
         # Forward value: one-hot; gradient: that of the soft sample.
         return hard + soft - jax.lax.stop_gradient(soft), probs
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbabilityGumbel:
+    """The authors' Gumbel routing: Gumbel noise on the router *probabilities*.
+
+    Training: `probs = softmax(noise(logits))` (`noise`: the authors' `Dropout(0.2)`),
+    `soft = softmax((probs + g) / temperature)` with `g ~ Gumbel(0, 1)`, the top-1 of
+    `soft` chosen with weight `1 + soft - stop_gradient(soft)` at the chosen prompt (1
+    forward; the gradient reaches only the chosen prompt's soft value, as their `topk`
+    of the straight-through output). Evaluation: argmax of the noise-free
+    probabilities, weight 1 (the authors also sample Gumbel noise at evaluation).
+    """
+
+    temperature: float = 1.0
+    noise: LogitNoise | None = LogitDropout(0.2)
+    selects_prompts: ClassVar[bool] = True
+
+    def __call__(self, logits, *, deterministic, rng):
+        num = logits.shape[-1]
+        if deterministic:
+            probs = jax.nn.softmax(logits, axis=-1)
+            return jax.nn.one_hot(jnp.argmax(probs, -1), num, dtype=probs.dtype), probs
+        noise_rng, gumbel_rng = jax.random.split(rng)
+        if self.noise is not None:
+            logits = self.noise(logits, noise_rng)
+        probs = jax.nn.softmax(logits, axis=-1)
+        gumbel = jax.random.gumbel(gumbel_rng, probs.shape, probs.dtype)
+        soft = jax.nn.softmax((probs + gumbel) / self.temperature, axis=-1)
+        hard = jax.nn.one_hot(jnp.argmax(soft, -1), num, dtype=soft.dtype)
+        return hard * (1.0 + soft - jax.lax.stop_gradient(soft)), probs
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,7 +270,7 @@ def masked_mean(embedded_BLE: Array, mask_BL: Array) -> Array:
     return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-class SMoP(nn.Module):
+class SMoP(prompts.InputHook, nn.Module):
     """Sparse mixture of prompts (input hook).
 
     Attributes:
@@ -225,7 +292,7 @@ class SMoP(nn.Module):
     max_length: int | None = None
 
     def __post_init__(self):
-        prompts.check_prompt_length(self.length, self.max_length)
+        self._check_length()
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
             raise ValueError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
         super().__post_init__()
@@ -242,14 +309,12 @@ class SMoP(nn.Module):
     ) -> Tuple[Array, Array]:
         """`[B, L, E]`, `[B, L]` -> `[B, l + L, E]`, `[B, l + L]`. `task_ids` are unused."""
         del task_ids
-        prompts.check_embedded(embedded_inputs, input_mask)
-        _, length, emb_dim = embedded_inputs.shape
-        prompts.check_inputs_fit(length, self.length, self.max_length)
-        prompts_KPE = prompts.param_with_axes(
+        _, _, emb_dim = self._input_shape(embedded_inputs, input_mask)
+        prompts_KPE = self._prompt_param(
             "prompts",
-            lambda rng, s: self.prompt_init(rng, s, embedding_table=embedding_table),
             (self.num_prompts, self.length, emb_dim),
-            axes=("prompt_experts", "prompt", "prompt_embed"),
+            ("prompt_experts", "prompt", "prompt_embed"),
+            embedding_table,
         )
         sentence_BE = masked_mean(embedded_inputs, input_mask)
         # The router runs in float32 whatever the activation dtype: its softmax decides
@@ -266,7 +331,10 @@ class SMoP(nn.Module):
         prompt_BPE = jnp.einsum("bk,kpe->bpe", weights_BK, prompts_KPE)
 
         self.sow("intermediates", "router_probs", probs_BK)
-        selections = (weights_BK != 0).astype(jnp.float32) if _is_sparse(self.routing) else probs_BK
+        if self.routing.selects_prompts:
+            selections = (weights_BK != 0).astype(jnp.float32)
+        else:
+            selections = probs_BK
         self.sow(
             "intermediates",
             "prompt_fraction",
@@ -274,15 +342,4 @@ class SMoP(nn.Module):
         )
         self.sow("intermediates", "mean_max_prob", jnp.mean(jnp.max(probs_BK, -1)))
 
-        embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
-        embedded = nn.with_logical_constraint(embedded, ("batch", "length", "embed"))
-        return embedded, mask
-
-    def extend_mask(self, input_mask: Array) -> Array:
-        """`[B, L]` -> `[B, l + L]`."""
-        return self.combination.extend_mask(input_mask, self.length)
-
-
-def _is_sparse(routing: Routing) -> bool:
-    """Whether the routing selects prompts (count selections) rather than mixing all."""
-    return not isinstance(routing, Dense)
+        return self._prepend(prompt_BPE, embedded_inputs, input_mask)

@@ -26,6 +26,27 @@ def test_t5_1_1_sizes(size):
     assert not cfg.logits_via_embedding
 
 
+def test_sizes_read_from_gin_equal_what_gin_binds():
+    """`config.t5_1_1` reads gin/models/*.gin with gin's parser; parsing the same file
+    for real and calling the configured T5Config gives the same architecture."""
+    import gin
+
+    from hyperprompt_jax import gin_utils
+
+    try:
+        gin_utils.parse_gin(["models/t5_1_1_large.gin"], finalize=False)
+        bound = gin.get_configurable(config.T5Config)()
+    finally:
+        gin.clear_config()
+    ours = config.t5_1_1("large", dtype=bound.dtype)
+    assert ours == bound.replace(dropout_rate=0.0, remat_policy="none")
+
+
+def test_t5_1_0_3b_has_wide_heads():
+    cfg = config.t5_1_0("3b")
+    assert (cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (1024, 32, 128, 16384)
+
+
 def test_t5_1_0_is_relu_and_tied():
     cfg = config.t5_1_0("base")
     assert cfg.mlp_activations == ("relu",) and cfg.logits_via_embedding

@@ -40,7 +40,12 @@ CONFIG = T5Config(
     dropout_rate=0.0,
 )
 T, P, B_DIM = 3, 2, 4
-GLOBAL_DIMS = dict(task_embed_dim=5, projector_hidden_dim=6, layer_task_embed_dim=7)
+# Small, distinct Global widths so a mix-up of t', the projector's width and t shows.
+PIECES = {
+    "share": hyperprompt.PerLayer(),
+    "sep": hyperprompt.PerLayer(per_task=True),
+    "global": hyperprompt.Global(task_embed_dim=5, projector_hidden_dim=6, layer_task_embed_dim=7),
+}
 KEY = jax.random.PRNGKey(0)
 ENC = np.array(
     [[5, 6, 7, 8, 0], [9, 10, 11, 12, 13], [15, 16, 0, 0, 0], [17, 18, 19, 0, 0]], np.int32
@@ -51,9 +56,8 @@ IDS = np.array([2, 0, 1, 2], np.int32)
 
 
 def _hook(variant: str) -> hyperprompt.HyperPrompt:
-    dims = GLOBAL_DIMS if variant == "global" else {}
     return hyperprompt.HyperPrompt(
-        num_tasks=T, prompt_length=P, bottleneck_dim=B_DIM, variant=variant, **dims
+        num_tasks=T, prompt_length=P, bottleneck_dim=B_DIM, hypernetworks=PIECES[variant]
     )
 
 
@@ -128,9 +132,7 @@ def test_backbone_tree_is_the_base_models_and_count_matches_formula(variant):
     backbone = {k: v for k, v in params.items() if k != "hyperprompt"}
     assert jax.tree.map(np.shape, backbone) == jax.tree.map(np.shape, dict(base))
     added = sum(np.size(x) for x in jax.tree.leaves(params["hyperprompt"]))
-    expected = hyperprompt.added_parameters(
-        CONFIG, variant, T, P, B_DIM, **(GLOBAL_DIMS if variant == "global" else {})
-    )
+    expected = hyperprompt.added_parameters(CONFIG, PIECES[variant], T, P, B_DIM)
     assert added == expected
     # Tuning only HyperPrompt's own parameters selects exactly those.
     assert trainable.count(params, ["hyperprompt/.*"])[0] == added
@@ -193,8 +195,10 @@ def test_out_of_range_ids_under_jit_poison_only_their_example(variant):
 
 
 def test_bad_configuration_raises():
-    with pytest.raises(ValueError, match="variant"):
-        hyperprompt.HyperPrompt(num_tasks=2, variant="shared")
+    with pytest.raises(ValueError, match="hypernetworks"):
+        hyperprompt.HyperPrompt(num_tasks=2, hypernetworks="shared")
+    with pytest.raises(ValueError, match="task_embed_dim"):
+        hyperprompt.Global(task_embed_dim=0)
     with pytest.raises(ValueError, match="bottleneck_dim"):
         hyperprompt.HyperPrompt(num_tasks=2, bottleneck_dim=0)
     with pytest.raises(ValueError, match="num_tasks"):

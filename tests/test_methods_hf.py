@@ -222,7 +222,11 @@ def hf_model_zero_decoder_bias():
     return _build_hf(seed=1, zero_decoder_relpos=True)
 
 
-GLOBAL_DIMS = dict(task_embed_dim=5, projector_hidden_dim=6, layer_task_embed_dim=7)
+HYPERNETWORKS = {
+    "share": hyperprompt.PerLayer(),
+    "sep": hyperprompt.PerLayer(per_task=True),
+    "global": hyperprompt.Global(task_embed_dim=5, projector_hidden_dim=6, layer_task_embed_dim=7),
+}
 
 # One network per method, shared by the HF comparisons and the decoding test so each
 # is initialised and compiled once.
@@ -239,8 +243,7 @@ METHODS = {
                     num_tasks=NUM_TASKS,
                     prompt_length=2,
                     bottleneck_dim=4,
-                    variant=v,
-                    **(GLOBAL_DIMS if v == "global" else {}),
+                    hypernetworks=HYPERNETWORKS[v],
                 )
             )
             for v in hyperprompt.VARIANTS

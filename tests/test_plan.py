@@ -203,15 +203,16 @@ XXL = ["--gin_file=models/t5_1_1_xxl.gin", "--task_feature_lengths=inputs:512,ta
 @pytest.mark.parametrize(
     "pod_gin, method_gin, fits",
     [
-        ("partitioning/t5_1_1_xxl_v3_256.gin", "methods/hyperprompt_global.gin", True),
-        ("partitioning/t5_1_1_xxl_v4_128.gin", "methods/hyperprompt_global.gin", True),
+        ("runs/t5_1_1_xxl_v3_256.gin", "methods/hyperprompt_global.gin", True),
+        ("runs/t5_1_1_xxl_v4_128.gin", "methods/hyperprompt_global.gin", True),
         # Sep's hypernetworks are replicated: documented not to fit 16 GiB devices.
-        ("partitioning/t5_1_1_xxl_v3_256.gin", "methods/hyperprompt_sep.gin", False),
+        ("runs/t5_1_1_xxl_v3_256.gin", "methods/hyperprompt_sep.gin", False),
     ],
 )
 def test_t5_xxl_pod_slice_files(pod_gin, method_gin, fits, capsys):
-    """The pod-slice files name their slice and batch; the plan (abstract: nothing is
-    allocated for 11B parameters) gives the verdicts in docs/benchmarks.md."""
+    """The pod run files name their batch, their partitioning files the slice; the plan
+    (abstract: nothing is allocated for 11B parameters) gives the verdicts in
+    docs/benchmarks.md."""
     args = [*XXL, f"--gin_file={method_gin}", "--gin.NUM_TASKS=8", f"--gin_file={pod_gin}"]
     assert plan.main(args) == (0 if fits else 2)
     out = capsys.readouterr().out

@@ -47,7 +47,8 @@ def _child() -> dict:
         "smop": (dict(prompt=smop.SMoP(num_prompts=4, length=2)), ["prompt/.*"]),
         "hyperprompt": (
             dict(hyperprompt=hyperprompt.HyperPrompt(
-                num_tasks=num_tasks, prompt_length=2, bottleneck_dim=8, variant="share"
+                num_tasks=num_tasks, prompt_length=2, bottleneck_dim=8,
+                hypernetworks=hyperprompt.PerLayer(),
             )),
             None,
         ),

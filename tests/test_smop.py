@@ -223,9 +223,10 @@ def test_gumbel_routing_straight_through():
         smop.Dense(),
         smop.RandomRouting(),
         smop.Gumbel(),
+        smop.ProbabilityGumbel(),
         smop.TopK(1, smop.LogitDropout()),
     ],
-    ids=["top2", "dense", "random", "gumbel", "dropout"],
+    ids=["top2", "dense", "random", "gumbel", "probability_gumbel", "dropout"],
 )
 def test_variants_run_in_the_module(routing):
     module = smop.SMoP(num_prompts=K, length=L, routing=routing)
@@ -245,3 +246,200 @@ def test_bad_configuration_raises():
         smop.SMoP(length=5, max_length=5)
     with pytest.raises(ValueError, match="TopK.k"):
         smop.TopK(0)
+
+
+# ---------------------------------------------------------------------------------------
+# The authors' ablation variants (jyjohnchoi/SMoP), against torch transcriptions
+# ---------------------------------------------------------------------------------------
+
+
+def test_probability_gumbel_matches_the_authors_torch_formula():
+    """Forward weights and gradients equal the authors' `gumbel_softmax(probs, hard=True)`
+    followed by `topk(k=1)` (torch, same Gumbel sample), router dropout off."""
+    torch = pytest.importorskip("torch")
+    routing = smop.ProbabilityGumbel(temperature=0.7, noise=None)
+    logits = jnp.asarray(np.random.RandomState(3).normal(size=(16, 4)), jnp.float32)
+    coef = np.random.RandomState(4).normal(size=(16, 4)).astype(np.float32)
+    rng = jax.random.PRNGKey(7)
+
+    def ours(x):
+        weights, _ = routing(x, deterministic=False, rng=rng)
+        return jnp.sum(weights * coef), weights
+
+    (_, weights), grad = jax.value_and_grad(ours, has_aux=True)(logits)
+    # The Gumbel sample the module drew (its second key; the first feeds the dropout).
+    gumbel = np.asarray(jax.random.gumbel(jax.random.split(rng)[1], logits.shape))
+
+    x = torch.tensor(np.asarray(logits), requires_grad=True)
+    probs = torch.softmax(x, -1)  # the authors' router ends in Softmax
+    soft = torch.softmax((probs + torch.tensor(gumbel)) / 0.7, -1)
+    _, top = soft.topk(1, dim=-1)
+    one_hot = torch.zeros_like(soft).scatter_(-1, top, 1.0)
+    output = one_hot - soft.detach() + soft
+    values, index = torch.topk(output, k=1, dim=-1)
+    ref_weights = torch.zeros_like(soft).scatter(-1, index, values)
+    (ref_weights * torch.tensor(coef)).sum().backward()
+
+    np.testing.assert_allclose(np.asarray(weights), ref_weights.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(grad)).max() > 1e-4
+    # Noise-free evaluation: the router's argmax with weight 1.
+    w_eval, _ = routing(logits, deterministic=True, rng=None)
+    np.testing.assert_array_equal(w_eval, np.eye(4)[np.asarray(logits).argmax(-1)])
+
+
+def test_symmetric_kl_matches_the_authors_torch_loss():
+    """`losses.symmetric_kl` (unweighted) = the authors' `symmetric_KL_loss` x batch size
+    (theirs is a `batchmean`), with the same gradients (each side's target detached)."""
+    torch = pytest.importorskip("torch")
+    from hyperprompt_jax import losses
+
+    rng = np.random.RandomState(5)
+    a = rng.normal(size=(3, 4, 11)).astype(np.float32)
+    b = rng.normal(size=(3, 4, 11)).astype(np.float32)
+    value, (grad_a, grad_b) = jax.value_and_grad(
+        lambda x, y: losses.symmetric_kl(x, y), argnums=(0, 1)
+    )(jnp.asarray(a), jnp.asarray(b))
+
+    ta = torch.tensor(a, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True)
+    F = torch.nn.functional
+    ref = F.kl_div(
+        F.log_softmax(ta, -1), F.softmax(tb.detach(), -1), reduction="batchmean"
+    ) + F.kl_div(F.log_softmax(tb, -1), F.softmax(ta.detach(), -1), reduction="batchmean")
+    ref = 0.5 * ref.sum() * a.shape[0]
+    ref.backward()
+    np.testing.assert_allclose(float(value), float(ref.detach()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_a), ta.grad.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grad_b), tb.grad.numpy(), rtol=1e-4, atol=1e-7)
+    assert float(losses.symmetric_kl(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(0.0, abs=1e-6)
+    # Weights drop padded positions.
+    weights = np.ones((3, 4), np.float32)
+    weights[:, 2:] = 0.0
+    masked = losses.symmetric_kl(jnp.asarray(a), jnp.asarray(b), jnp.asarray(weights))
+    unmasked = losses.symmetric_kl(jnp.asarray(a[:, :2]), jnp.asarray(b[:, :2]))
+    np.testing.assert_allclose(float(masked), float(unmasked), rtol=1e-5)
+
+
+def _smop_model(routing, consistency_weight):
+    from hyperprompt_jax import models
+
+    module = network.Transformer(
+        CONFIG, prompt=smop.SMoP(num_prompts=K, length=L, routing=routing)
+    )
+    return models.EncoderDecoderModel(
+        module, None, None, z_loss=1e-4, consistency_weight=consistency_weight
+    )
+
+
+BATCH = {
+    "encoder_input_tokens": jnp.asarray(ENC),
+    "decoder_input_tokens": jnp.asarray(DEC),
+    "decoder_target_tokens": jnp.asarray(TGT),
+}
+
+
+def test_consistency_loss_two_passes():
+    """With deterministic routing both passes agree: the loss is twice one pass and the
+    consistency term 0. With random routing the term is positive, the loss is both
+    passes' plus 0.1 x the term, and the term's gradient reaches the prompts."""
+    shapes = {k: v.shape for k, v in BATCH.items()}
+    fixed = _smop_model(smop.TopK(1, noise=None), 0.1)
+    params = fixed.get_initial_variables(KEY, shapes)["params"]
+    single, _ = jax.jit(_smop_model(smop.TopK(1, noise=None), 0.0).loss_fn)(params, BATCH, KEY)
+    double, metrics = jax.jit(fixed.loss_fn)(params, BATCH, KEY)
+    np.testing.assert_allclose(float(double), 2 * float(single), rtol=1e-6)
+    assert float(metrics["consistency_loss"]) == pytest.approx(0.0, abs=1e-6)
+
+    random = _smop_model(smop.RandomRouting(), 0.1)
+    plain = jax.jit(_smop_model(smop.RandomRouting(), 0.0).loss_fn)
+    second_key = jax.random.fold_in(KEY, 1)
+
+    def consistency_part(p):
+        loss, metrics = random.loss_fn(p, BATCH, KEY)
+        first, _ = plain(p, BATCH, KEY)  # the same first pass
+        second, _ = plain(p, BATCH, second_key)
+        return loss - first - second, metrics
+
+    (rest, metrics), grads = jax.jit(jax.value_and_grad(consistency_part, has_aux=True))(params)
+    kl = float(metrics["consistency_loss"])
+    assert kl > 1e-4
+    np.testing.assert_allclose(float(rest), 0.1 * kl, rtol=1e-3, atol=1e-6)
+    assert np.abs(np.asarray(grads["prompt"]["prompts"])).max() > 1e-6
+    # Evaluation (no dropout rng): one pass, no consistency term.
+    _, eval_metrics = jax.jit(random.loss_fn)(params, BATCH, None)
+    assert "consistency_loss" not in eval_metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes: gin files held to the authors' numbers
+# ---------------------------------------------------------------------------------------
+
+
+def _parse(files, bindings=()):
+    from hyperprompt_jax import gin_utils
+
+    gin_utils.parse_gin(["models/t5_1_1_tiny.gin", *files], list(bindings), finalize=False)
+
+
+def test_authors_recipe_follows_their_script():
+    """smop_authors.gin: HF Adafactor with their arguments, lr 0.5 with HF's linear
+    schedule (warmup 6% of TRAIN_STEPS), batch 32, 512-token budget with the prompt,
+    early stopping patience 10."""
+    import gin
+
+    from hyperprompt_jax import gin_utils, optim
+
+    torch = pytest.importorskip("torch")
+    from transformers import optimization as hf
+
+    run = ["MODEL_DIR='/tmp/x'", "MIXTURE_OR_TASK_NAME='t'", "EVAL_PERIOD=78"]
+    try:
+        _parse(["methods/smop_authors.gin"], [*run, "TRAIN_STEPS=3900"])
+        assert gin_utils.query_macro("BATCH_SIZE") == 32
+        assert gin_utils.query_macro("EARLY_STOPPING_PATIENCE") == 10
+        lengths = gin_utils.query_macro("TASK_FEATURE_LENGTHS")
+        budget = gin_utils.query_macro("ENCODER_MAX_LENGTH")
+        assert budget == 512 and lengths["inputs"] + gin_utils.query_macro("PROMPT_LENGTH") == 512
+        adafactor = gin.get_configurable(optim.adafactor)
+        schedule = gin.get_configurable(optim.create_learning_rate_scheduler)()
+        kwargs = {
+            k: gin_utils.instantiate(gin.query_parameter(f"optim.adafactor.{k}"))
+            for k in ("hf_semantics", "multiply_by_parameter_scale", "weight_decay_rate")
+        }
+        assert kwargs == dict(
+            hf_semantics=True, multiply_by_parameter_scale=False, weight_decay_rate=1e-5
+        )
+        assert callable(adafactor)
+        # HF's schedule is a LambdaLR of the step: read its lambda directly.
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = hf.get_linear_schedule_with_warmup(opt, int(3900 * 0.06), 3900)
+        steps = np.arange(0, 3910, 7)
+        expected = [0.5 * sched.lr_lambdas[0](int(t)) for t in steps]
+        got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.asarray(steps)))
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        # The schedule follows TRAIN_STEPS: a shorter run warms up and decays sooner.
+        _parse(["methods/smop_authors.gin"], [*run, "TRAIN_STEPS=1000"])
+        short = gin.get_configurable(optim.create_learning_rate_scheduler)()
+        assert float(short(30)) == pytest.approx(0.25) and float(short(1000)) == 0.0
+    finally:
+        gin.clear_config()
+
+
+def test_t5x_recipe_and_random_variant():
+    import gin
+
+    from hyperprompt_jax import gin_utils, models
+
+    try:
+        _parse(["runs/finetune.gin", "methods/smop_random.gin"], ["TRAIN_STEPS=500"])
+        assert gin_utils.instantiate(gin.query_parameter("optim.adafactor.hf_semantics")) is False
+        model = gin.get_configurable(models.EncoderDecoderModel)(
+            module=None, input_vocabulary=None, output_vocabulary=None
+        )
+        assert model.consistency_weight == 0.1 and model.z_loss == 1e-4
+        hook = gin.get_configurable(smop.SMoP)()
+        assert isinstance(hook.routing, smop.RandomRouting)
+        assert (hook.num_prompts, hook.length) == (4, 5)
+    finally:
+        gin.clear_config()
