@@ -31,7 +31,7 @@ import numpy as np
 
 from hyperprompt_jax import prompt_files
 from hyperprompt_jax.errors import UserError
-from hyperprompt_jax.spot import core, discovery, export, mixtures, plots, transfer
+from hyperprompt_jax.spot import core, export, mixtures, plots, transfer
 
 
 def _gin_query(name: str) -> Any:
@@ -192,7 +192,9 @@ def _export_peft(args: argparse.Namespace) -> None:
         param_path=args.param_path, base_model=args.base_model, config=config,
         task=args.task, metric=args.metric,
     )  # fmt: skip
-    print(f"Wrote the PEFT prompt-tuning adapter {paths['adapter']} (base model {paths['backbone']}).")
+    print(
+        f"Wrote the PEFT prompt-tuning adapter {paths['adapter']} (base model {paths['backbone']})."
+    )
     print("Load it with: PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(")
     print(f"  {paths['backbone']!r}), {paths['adapter']!r})")
 

@@ -269,9 +269,7 @@ def write_peft_export(
             "A PEFT export needs its base model: pass --base_model (an HF directory or hub "
             "id) or the backbone's gin files (--gin_file=models/...) to export it, not both."
         )
-    prompt = check_prompt(
-        prompt, "to export", emb_dim=None if config is None else config.emb_dim
-    )
+    prompt = check_prompt(prompt, "to export", emb_dim=None if config is None else config.emb_dim)
     out = {}
     if base_model is None:
         from hyperprompt_jax import checkpoints

@@ -154,7 +154,9 @@ def best_of_topk(
         run_dir = os.path.abspath(os.path.join(model_dir, _candidate_dir_name(i, r.name)))
         source = entry.path
         if source is None:  # An in-memory library: give the launcher a file.
-            source = prompt_files.save_prompt(os.path.join(run_dir + "_source", f"{r.name}.npy"), entry.prompt)
+            source = prompt_files.save_prompt(
+                os.path.join(run_dir + "_source", f"{r.name}.npy"), entry.prompt
+            )
         plan.append((i, r, os.path.abspath(source), run_dir))
 
     candidates = []
@@ -187,7 +189,9 @@ def best_of_topk(
         best_prompt, _ = export.export_prompt(
             best.model_dir,
             os.path.join(model_dir, BEST_PROMPT_FILE),
-            step=best.score_step if best.score_step in discovery.checkpoint_steps(best.model_dir) else None,
+            step=best.score_step
+            if best.score_step in discovery.checkpoint_steps(best.model_dir)
+            else None,
             task=task,
             metric=metric,
             extra={"best_of_topk_source": best.name},
