@@ -340,9 +340,7 @@ def test_cli_reports_bad_input_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: Prompt library") and "Traceback" not in err
     lib = _write_library(tmp_path / "lib", {"a": np.ones((4, 8), np.float32)})
-    code = cli.main(
-        ["similarity", f"--library={lib}", f"--output_dir={tmp_path}", "--emb_dim=16"]
-    )
+    code = cli.main(["similarity", f"--library={lib}", f"--output_dir={tmp_path}", "--emb_dim=16"])
     assert code == 1 and "emb_dim is 16" in capsys.readouterr().err
     # An output directory that is a file: one line, nothing written.
     code = cli.main(["similarity", f"--library={lib}", f"--output_dir={target}"])

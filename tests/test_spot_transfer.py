@@ -417,7 +417,10 @@ def test_mixture_transfer_trains_on_the_mixture_then_transfers(tmp_path):
             start = np.load(ast.literal_eval(flags["SOURCE_PROMPT"]))
         os.makedirs(model_dir, exist_ok=True)
         with ocp.StandardCheckpointer() as c:
-            c.save(os.path.join(model_dir, "checkpoint_5"), {"trainable": {"prompt": {"prompt": start + 1}}})
+            c.save(
+                os.path.join(model_dir, "checkpoint_5"),
+                {"trainable": {"prompt": {"prompt": start + 1}}},
+            )
         with open(os.path.join(model_dir, "eval_metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 5, "task": "mt_target", "accuracy": 60.0}) + "\n")
         return 0
