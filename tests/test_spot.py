@@ -407,3 +407,53 @@ def test_synthetic_related_source_ranks_above_unrelated(tmp_path):
         names = [name for name, _ in ranking]
         assert names == ["max_short", "first"], (metric, ranking)
         assert ranking[0][1] > ranking[1][1], (metric, ranking)
+
+
+# ----------------------------------------------------------------------------------------
+# The recipes
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spot_source", "spot_transfer"])
+def test_spot_recipes_hold_the_papers_numbers(method):
+    import gin
+    from hyperprompt_jax import gin_utils
+
+    gin.clear_config()
+    try:
+        files = ["runs/finetune.gin", "models/t5_1_1_base.gin", f"methods/{method}.gin"]
+        gin_utils.parse_gin(files, ["SOURCE_PROMPT='x.npy'"], finalize=False)
+        # Paper: 2^18 steps, batch 32; prompt tuning's length 100, constant LR 0.3.
+        assert gin.query_parameter("%TRAIN_STEPS") == 262144 == 2**18
+        assert gin.query_parameter("%BATCH_SIZE") == 32
+        assert gin.query_parameter("%PROMPT_LENGTH") == 100
+        assert gin.query_parameter("%LEARNING_RATE") == 0.3
+        assert gin.query_parameter("optim.create_learning_rate_scheduler.factors") == "constant"
+        init = gin.query_parameter("prompts.SoftPrompt.prompt_init")
+        if method == "spot_source":  # Sampled vocabulary, the 5,000 most common tokens.
+            assert init.configurable.name == "SampledVocab"
+            assert gin.query_parameter("prompts.SampledVocab.population_size") == 5000
+        else:  # The transfer starts from the source prompt.
+            assert init.configurable.name == "FromFile"
+    finally:
+        gin.clear_config()
+
+
+def test_init_statistics_of_the_recipes():
+    import jax
+
+    from hyperprompt_jax import prompts
+
+    key = jax.random.PRNGKey(0)
+    # SampledVocab(5000): 100 distinct rows of the table's first 5,000 (rows are their
+    # own index, so the sampled ids can be read back).
+    table = np.repeat(np.arange(32128, dtype=np.float32)[:, None], 4, axis=1)
+    rows = np.asarray(prompts.SampledVocab(5000)(key, (100, 4), embedding_table=table))[:, 0]
+    assert len(set(rows.tolist())) == 100 and rows.max() < 5000 and rows.min() >= 0
+    # Uniform: the paper's [-0.5, 0.5] (ours) and the released configs' [0, 0.5).
+    paper = np.asarray(prompts.Uniform(0.5)(key, (200_000,)))
+    released = np.asarray(prompts.Uniform(0.5, symmetric=False)(key, (200_000,)))
+    assert -0.5 <= paper.min() < -0.499 and 0.499 < paper.max() <= 0.5
+    assert abs(paper.mean()) < 0.005 and abs(paper.std() - 1 / np.sqrt(12)) < 0.005
+    assert 0 <= released.min() < 0.001 and 0.499 < released.max() < 0.5
+    assert abs(released.mean() - 0.25) < 0.005 and abs(released.std() - 0.5 / np.sqrt(12)) < 0.005
