@@ -262,8 +262,9 @@ def test_peft_saved_adapters_are_prompt_files(tmp_path, capsys):
     assert cli.main(["rank", f"--library={lib}", f"--target={tmp_path / 'target.npy'}",
                      f"--output={ranking}"]) == 0  # fmt: skip
     assert json.loads(ranking.read_text())["ranking"][0]["name"] == "peft_src"
+    capsys.readouterr()
     assert cli.main(["rank", f"--library={lib}", f"--target={lib / 'peft_src'}"]) == 0
-    assert "Excluded" not in capsys.readouterr().out
+    assert "Excluded from the sources: peft_src" in capsys.readouterr().out
     init = tmp_path / "init.npy"
     assert cli.main(["init", f"--library={lib}", f"--target={tmp_path / 'target.npy'}",
                      "--k=1", f"--output={init}"]) == 0  # fmt: skip

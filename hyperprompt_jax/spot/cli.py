@@ -111,7 +111,7 @@ def _library_and_ranking(args: argparse.Namespace):
         args.target, step=args.target_step, prompt_index=args.prompt_index, emb_dim=emb_dim
     )
     exclude = set(args.exclude)
-    if os.path.isfile(args.target):
+    if os.path.isfile(args.target) or prompt_files.is_peft_adapter(args.target):
         # A target saved inside the library would otherwise retrieve itself first.
         exclude |= {e.name for e in library if e.path and os.path.samefile(e.path, args.target)}
     if args.target_task:
