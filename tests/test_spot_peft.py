@@ -60,10 +60,10 @@ def _model(num_tasks: int | None):
         CONFIG, prompt=prompts.SoftPrompt(length=LENGTH, num_tasks=num_tasks)
     )
     enc, dec_in = _batch()
-    params = module.init(
-        jax.random.PRNGKey(3), enc, dec_in, dec_in, task_ids=np.zeros(BATCH, np.int32),
-        enable_dropout=False,
-    )["params"]  # fmt: skip
+    init = jax.jit(functools.partial(module.init, enable_dropout=False))
+    params = init(jax.random.PRNGKey(3), enc, dec_in, dec_in, task_ids=np.zeros(BATCH, np.int32))[
+        "params"
+    ]
     rng = np.random.RandomState(1)
 
     def perturb(path, leaf):
@@ -269,6 +269,19 @@ def test_peft_saved_adapters_are_prompt_files(tmp_path, capsys):
     assert cli.main(["init", f"--library={lib}", f"--target={tmp_path / 'target.npy'}",
                      "--k=1", f"--output={init}"]) == 0  # fmt: skip
     np.testing.assert_array_equal(np.load(init), prompt)
+
+    # `import` makes a .npy entry whose .json carries the adapter's metadata.
+    imported = tmp_path / "lib2" / "from_peft.npy"
+    assert cli.main(["import", f"--adapter={lib / 'peft_src'}", f"--output={imported}",
+                     "--task=hp_x", "--emb_dim=16", "--length=4"]) == 0  # fmt: skip
+    entry = spot.PromptLibrary.load(str(tmp_path / "lib2"))["from_peft"]
+    np.testing.assert_array_equal(entry.prompt, prompt)
+    assert entry.task == "hp_x" and entry.metadata["source"] == str(lib / "peft_src")
+    assert entry.metadata["peft"]["num_virtual_tokens"] == 4
+    assert entry.metadata["format"] == "peft"
+    capsys.readouterr()
+    assert cli.main(["import", f"--adapter={lib}", f"--output={imported}"]) == 1
+    assert "is a directory but not a PEFT prompt-tuning adapter" in capsys.readouterr().err
 
     key = jax.random.PRNGKey(0)
     np.testing.assert_array_equal(

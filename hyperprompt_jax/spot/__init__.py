@@ -58,6 +58,7 @@ from hyperprompt_jax.spot.discovery import (  # noqa: F401
 from hyperprompt_jax.spot.export import (  # noqa: F401
     export_peft,
     export_prompt,
+    import_peft,
     load_target_prompt,
     write_peft_export,
 )

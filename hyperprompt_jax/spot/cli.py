@@ -4,6 +4,7 @@ Subcommands (run one with --help for its flags):
 
   export            a run's prompt -> LIBRARY/NAME.npy (+ NAME.embedding.npy) + NAME.json,
                     or with --format=peft a PEFT prompt-tuning adapter + HF backbone
+  import            a PEFT prompt-tuning adapter -> LIBRARY/NAME.npy + NAME.json
   similarity        task similarity over a library (both metrics): CSVs, heatmap, dendrogram
   rank              the library's entries ordered by similarity to a target prompt
   init              the top-k weighted average of the library -> an initial prompt .npy
@@ -197,6 +198,15 @@ def _export_peft(args: argparse.Namespace) -> None:
     )
     print("Load it with: PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(")
     print(f"  {paths['backbone']!r}), {paths['adapter']!r})")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    emb_dim, length = _dims(args)
+    prompt_files.load_prompt_file(args.adapter, length=length, emb_dim=emb_dim)
+    path, meta = export.import_peft(args.adapter, args.output, task=args.task)
+    print(
+        f"Wrote {path} [{meta['length']}, {meta['emb_dim']}] and its .json (from {args.adapter})."
+    )
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
@@ -422,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param_path", help="explicit '/'-joined parameter path of the prompt")
     _add_dims(p, length=True)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="a PEFT prompt-tuning adapter -> library entry")
+    p.add_argument("--adapter", required=True, help="PEFT prompt-tuning adapter directory")
+    p.add_argument("--output", required=True, help="LIBRARY/NAME.npy")
+    p.add_argument("--task", help="seqio task to record (default: the adapter's, if any)")
+    _add_dims(p, length=True)
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("similarity", help="similarity matrices, heatmap and dendrogram")
     p.add_argument("--library", required=True)

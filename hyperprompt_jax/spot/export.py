@@ -324,3 +324,32 @@ def export_peft(
         output_dir, found.prompt, base_model=base_model, config=config, backbone=backbone,
         metadata=metadata,
     )  # fmt: skip
+
+
+def import_peft(adapter: str, output: str, *, task: str | None = None) -> tuple[str, dict]:
+    """A PEFT prompt-tuning adapter -> a library entry `output` `.npy` + `.json`.
+
+    The prompt is copied exactly; the metadata is the adapter's (its config under
+    `peft`, `format: 'peft'`, our `hyperprompt_jax.json` if present) plus `model` (the
+    adapter's base model), `source` (the adapter directory) and `task` (given, else
+    the adapter's). An adapter directory is also usable as an entry as it is; this
+    makes a self-contained copy.
+
+    Returns:
+      (the `.npy` path, the metadata).
+
+    Raises:
+      UserError: not a PEFT prompt-tuning adapter (see `prompt_files`).
+    """
+    if not prompt_files.is_peft_adapter(adapter):
+        raise UserError(
+            f"{adapter!r} is not a PEFT adapter directory (no {prompt_files.PEFT_CONFIG_FILE})."
+        )
+    prompt = prompt_files.read_peft_prompt(adapter)
+    meta = prompt_files.read_metadata(adapter)
+    meta["model"] = meta.get("model") or meta["peft"].get("base_model_name_or_path")
+    meta["source"] = os.path.abspath(adapter)
+    if task is not None:
+        meta["task"] = task
+    path = prompt_files.save_prompt(output, prompt, meta)
+    return path, prompt_files.read_metadata(path)
