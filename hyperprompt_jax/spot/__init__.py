@@ -6,7 +6,8 @@ Where things are (a newcomer reads `core.py` first):
                 entry), the two similarity metrics, ranking, top-k weights / average
   plots.py      similarity CSVs, heatmap, dendrogram, text tables
   discovery.py  prompts and validation scores in training runs' checkpoints
-  export.py     a run's prompt -> library entry (.npy + .json) or PEFT adapter
+  export.py     a run's prompt -> library entry (.npy + .json) or PEFT adapter, and
+                a PEFT adapter -> library entry
   mixtures.py   the target + top-k sources seqio mixture
   transfer.py   best-of-top-k and the mixture transfer: training runs, launched as a
                 user would (command-line layer; nothing here imports it)

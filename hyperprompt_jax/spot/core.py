@@ -25,8 +25,8 @@ Metrics (Section 4 of the paper), for prompts `P [l1, E]` and `Q [l2, E]`:
   with `u(x) = x / |x|`: O((l1 + l2) E) per pair, not O(l1 l2 E). Unlike the first
   metric, a prompt's similarity with itself is below 1.
 
-The default is per-token average cosine (`DEFAULT_METRIC`): the paper's retrieval
-results (Section 4, best-of-top-k transfer) are best with it.
+The default is per-token average cosine (`DEFAULT_METRIC`): by the paper's retrieval
+results (as issue 15 reads them), best-of-top-k transfer does best with it.
 
 Top-k weighted average (the paper's "TOP-K WEIGHTED AVERAGE"): `sum_i w_i P_i` over the
 k most similar sources with `w_i = s_i / sum_j s_j`; token by token, so the k transfer
@@ -317,7 +317,8 @@ METRICS: dict[str, SimilarityMetric] = {
     "cosine_of_average_tokens": cosine_of_average_tokens,
     "per_token_average_cosine": per_token_average_cosine,
 }
-# The paper's best retrieval metric for best-of-top-k transfer (module docstring).
+# The paper's best retrieval metric for best-of-top-k transfer (module docstring);
+# `cosine_of_average_tokens` was this package's default before.
 DEFAULT_METRIC = "per_token_average_cosine"
 
 
