@@ -457,3 +457,14 @@ def test_init_statistics_of_the_recipes():
     assert abs(paper.mean()) < 0.005 and abs(paper.std() - 1 / np.sqrt(12)) < 0.005
     assert 0 <= released.min() < 0.001 and 0.499 < released.max() < 0.5
     assert abs(released.mean() - 0.25) < 0.005 and abs(released.std() - 0.5 / np.sqrt(12)) < 0.005
+
+
+@pytest.mark.parametrize("module", ["hyperprompt_jax.spot", "hyperprompt_jax.spot_cli"])
+def test_top_level_help_lists_the_subcommands(module):
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    for command in ("export", "import", "similarity", "rank", "init", "mixture",
+                    "mixture_transfer", "best_of_topk"):  # fmt: skip
+        assert f"\n  {command} " in run.stdout, command

@@ -405,10 +405,19 @@ def test_mixture_transfer_trains_on_the_mixture_then_transfers(tmp_path):
             import seqio
 
             seqio.MixtureRegistry.remove("spot_mt_target_top1_mixture")
+            # As the launcher reads it: a configurable that takes %MIXTURE_OR_TASK_NAME
+            # (here `mixture_name`, which echoes it back in its result).
             gin.clear_config()
-            gin_utils.parse_gin([files[-1]], [], finalize=False)
-            name = gin.get_configurable(mixtures.topk_mixture)()
+            echo = tmp_path / "echo.gin"
+            echo.write_text(
+                "from __gin__ import dynamic_registration\n"
+                "from hyperprompt_jax.spot import mixtures\n"
+                "mixtures.mixture_name.target_task = %MIXTURE_OR_TASK_NAME\n"
+            )
+            gin_utils.parse_gin([files[-1], str(echo)], [], finalize=False)
+            echoed = gin.get_configurable(mixtures.mixture_name)(k=9)
             gin.clear_config()
+            name = echoed[len("spot_") : -len("_top9_mixture")]
             assert name == "spot_mt_target_top1_mixture"
             members = sorted(t.name for t in seqio.MixtureRegistry.get(name).tasks)
             assert members == ["mt_near", "mt_target"]
