@@ -15,7 +15,12 @@ setuptools.setup(
     python_requires=">=3.10",
     # `tasks/` and `gin/` live at the top level of the repository (the design
     # card's layout) and install as `hyperprompt_jax.tasks` / `hyperprompt_jax.gin`.
-    packages=["hyperprompt_jax", "hyperprompt_jax.tasks", "hyperprompt_jax.gin"],
+    packages=[
+        "hyperprompt_jax",
+        "hyperprompt_jax.spot",
+        "hyperprompt_jax.tasks",
+        "hyperprompt_jax.gin",
+    ],
     package_dir={
         "hyperprompt_jax": "hyperprompt_jax",
         "hyperprompt_jax.tasks": "tasks",

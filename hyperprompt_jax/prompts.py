@@ -13,18 +13,21 @@ Parameter-Efficient Prompt Tuning"; Vu et al., 2022, "SPoT"):
 * Placement: the prompt is prepended to the embedded input (the paper's Figure 2 and
   `prefix_prompt`, the default combination in google-research/prompt-tuning). Other
   placements plug in through the `Combination` protocol.
-* `Uniform(0.5)`: "random uniform initialisation from [-0.5, 0.5]" (paper, Section 3;
-  the released code's default `nn.initializers.uniform()` is [0, 0.01), we follow the
-  paper). `SampledVocab(5000)`: rows drawn without replacement from the first 5,000
-  rows of the embedding table (SentencePiece ids are roughly frequency ordered, the
-  paper's "5,000 most common tokens"); with replacement only if the prompt is longer
-  than the population. `ClassLabels`: a label's embedding (the mean of its pieces when
+* `Uniform(0.5)`: "random uniform initialisation from [-0.5, 0.5]" (paper, Section 3),
+  our default. The released code differs: `prompts.Prompt`'s default is flax's
+  `nn.initializers.uniform()`, i.e. [0, 0.01), and its model configs
+  (`configs/models/t5_1_1_prompt.gin`) set `uniform.scale = 0.5`, i.e. [0, 0.5);
+  `Uniform(0.5, symmetric=False)` reproduces that. `SampledVocab(5000)`: rows drawn
+  without replacement from the first 5,000 rows of the embedding table (SentencePiece
+  ids are roughly frequency ordered, the paper's "5,000 most common tokens"); with
+  replacement only if the prompt is longer than the population. `ClassLabels`: a label's embedding (the mean of its pieces when
   it is split into several tokens) fills one prompt position each, the remaining
   positions come from `SampledVocab` (paper, Section 3).
 * SPoT transfers a source prompt by initialising the target prompt from it: `FromFile`
-  reads a `.npy` file of exactly the prompt's shape. `WeightedFiles` initialises from a
-  weighted average of several source prompts (weights normalised to sum to 1), the
-  issue's option for combining several retrieved source prompts.
+  reads a prompt file of exactly the prompt's shape (a `.npy` file or a PEFT
+  prompt-tuning adapter directory; `prompt_files` reads and checks both).
+  `WeightedFiles` initialises from a weighted average of several source prompts
+  (weights normalised to sum to 1): SPoT's top-k weighted average, given the files.
 * Logical axes `('prompt', 'prompt_embed')`, not `'embed'`: like prompt-tuning's
   `Prompt`, the prompt stays replicated even when `'embed'` is sharded (it is tiny,
   and a replicated prompt can be written as one `.npy` file). Multi-task prompts
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Protocol, Sequence, Tuple
 
 import jax
@@ -50,7 +52,9 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 
+from hyperprompt_jax import prompt_files
 from hyperprompt_jax import task_ids as task_ids_lib
+from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -87,13 +91,16 @@ def _check_emb_dim(shape: Shape, embedding_table: Array | None, who: str) -> Arr
 
 @dataclasses.dataclass(frozen=True)
 class Uniform:
-    """Uniform in `[-scale, scale]` (Lester et al.: scale 0.5)."""
+    """Uniform in `[-scale, scale]` (Lester et al.: scale 0.5), or in `[0, scale)` with
+    `symmetric=False` (the released prompt-tuning configs: flax's `uniform(0.5)`)."""
 
     scale: float = 0.5
+    symmetric: bool = True
 
     def __call__(self, rng, shape, *, embedding_table=None):
         del embedding_table
-        return jax.random.uniform(rng, shape, jnp.float32, -self.scale, self.scale)
+        low = -self.scale if self.symmetric else 0.0
+        return jax.random.uniform(rng, shape, jnp.float32, low, self.scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,50 +187,33 @@ class ClassLabels:
         return prompt.at[..., : len(ids), :].set(label_rows)
 
 
-def load_prompt(path: str) -> np.ndarray:
-    """Reads a `.npy` prompt (local path or any `tf.io.gfile` URL such as gs://).
-
-    Raises:
-      ValueError: a missing file, a file that is not a float array, or non-finite values.
-    """
-    if "://" in path:
-        import tensorflow as tf  # Only needed for remote paths.
-
-        if not tf.io.gfile.exists(path):
-            raise ValueError(f"Prompt file {path!r} does not exist.")
-        with tf.io.gfile.GFile(path, "rb") as f:
-            array = np.load(f)
-    else:
-        if not os.path.exists(path):
-            raise ValueError(f"Prompt file {path!r} does not exist.")
-        array = np.load(path)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"Prompt file {path!r} holds {array.dtype}, expected a float array.")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"Prompt file {path!r} contains non-finite values.")
-    return array.astype(np.float32)
-
-
-def _check_file_shape(array: np.ndarray, shape: Shape, path: str) -> None:
+def _load_file(path: str, shape: Shape) -> np.ndarray:
+    """A prompt file (`.npy` or PEFT adapter) checked against the prompt's shape `[L, E]`."""
+    if len(shape) != 2:
+        raise UserError(
+            f"Prompt file {path!r} holds one prompt [length, emb_dim], but the prompt is "
+            f"{tuple(shape)} (a multi-task prompt cannot be initialised from one file)."
+        )
+    array = prompt_files.load_prompt_file(path)
     if tuple(array.shape) != tuple(shape):
-        raise ValueError(
+        raise UserError(
             f"Prompt file {path!r} has shape {tuple(array.shape)} but the prompt is "
             f"{tuple(shape)} ([length, emb_dim]); set the prompt length to "
-            f"{array.shape[0] if array.ndim == 2 else '?'} or use a matching file."
+            f"{array.shape[0]} or use a matching file."
         )
+    return array
 
 
 @dataclasses.dataclass(frozen=True)
 class FromFile:
-    """The prompt stored in a `.npy` file of exactly the prompt's shape (SPoT transfer)."""
+    """The prompt stored in a prompt file of exactly the prompt's shape (SPoT transfer):
+    a `.npy` file (local or gs://) or a PEFT prompt-tuning adapter directory."""
 
     path: str
 
     def __call__(self, rng, shape, *, embedding_table=None):
         del rng, embedding_table
-        array = load_prompt(self.path)
-        _check_file_shape(array, shape, self.path)
-        return jnp.asarray(array)
+        return jnp.asarray(_load_file(self.path, shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +221,7 @@ class WeightedFiles:
     """Weighted average `sum_i w_i p_i / sum_i w_i` of several `.npy` prompts.
 
     Attributes:
-      paths: prompt files, all of the prompt's shape.
+      paths: prompt files (`.npy` or PEFT adapter directories), all of the prompt's shape.
       weights: non-negative weights (e.g. SPoT similarity scores); None = uniform.
     """
 
@@ -257,9 +247,7 @@ class WeightedFiles:
         weights = self.weights or (1.0,) * len(self.paths)
         total = np.zeros(shape, np.float64)
         for path, w in zip(self.paths, weights, strict=True):
-            array = load_prompt(path)
-            _check_file_shape(array, shape, path)
-            total += w * array
+            total += w * _load_file(path, shape)
         return jnp.asarray(total / sum(weights), jnp.float32)
 
 
