@@ -167,23 +167,13 @@ def config_from_t5x(config: Any, **overrides: Any) -> hp_config.T5Config:
 # Adafactor factorization rules and partitioning rules for the methods' axes
 # ----------------------------------------------------------------------------------------
 
-# Second-moment factorization of the methods' logical axes (prompts.py, smop.py,
-# hyperprompt.py). Every method tensor is small along all but one axis (prompt length,
-# number of prompts or tasks, bottleneck), so none is factored: NONE keeps the full
-# second moment, and t5x then averages the update RMS (clipping, parameter scale) over
-# the whole tensor, which is what this package's optax Adafactor does for them. Rank-2
-# method parameters (a single prompt, the router) fall back to t5x's size heuristic,
-# also as here. The backbone's `layers` axis keeps t5x's BATCH rule: HyperPrompt's
-# per-layer stacks are then clipped and scaled layer by layer (see docs/t5x.md).
+# `partitioning.METHOD_FACTOR_RULES` as t5x's FactorDims. The backbone's `layers` axis
+# (HyperPrompt's per-layer stacks) keeps t5x's BATCH rule: t5x then clips and scales
+# those stacks layer by layer, where `optim.adafactor` treats a stack as one tensor
+# (docs/t5x.md).
 METHOD_FACTOR_RULES: Mapping[str, FactorDim] = {
-    "prompt": FactorDim.NONE,  # prompt length
-    "prompt_embed": FactorDim.NONE,  # prompt width (= emb_dim)
-    "prompt_experts": FactorDim.NONE,  # SMoP: number of prompts
-    "tasks": FactorDim.NONE,  # per-task tables
-    "bottleneck": FactorDim.NONE,  # HyperNetwork bottleneck
-    "prompt_kv": FactorDim.NONE,  # generated key/value width (heads * head_dim)
-    "task_embed": FactorDim.NONE,  # (layer-aware) task embeddings
-    "task_mlp": FactorDim.NONE,  # HyperPrompt-Global's task projector
+    name: t5x_adafactor.factor_name_to_factordim(rule)
+    for name, rule in partitioning.METHOD_FACTOR_RULES
 }
 
 
