@@ -19,6 +19,12 @@ methods need:
 * Sharding. `method_logical_axis_rules()` gives t5x's partitioner the methods' axes
   (`partitioning.METHOD_AXIS_RULES`, all replicated).
 
+* Evaluation. `seqio.Evaluator` (t5x's `inference_evaluator_cls`) measures the length
+  of every declared output feature of a task and fails on rank-0 ones such as the
+  multi-task mixtures' `task_id`; importing this module makes its measurement skip
+  them (`_measure_without_scalar_features`), so `t5x.eval` and t5x's in-training
+  inference evaluation work on task-id data with t5x's own run files.
+
 `config_from_t5x` maps t5x's `network.T5Config` (bound by t5x's size files) to this
 package's `T5Config`, so `t5x/examples/t5/t5_1_1/*.gin` keep choosing the size.
 `ProjectModelAdapter` makes this package's own `models.EncoderDecoderModel` usable as
@@ -35,6 +41,8 @@ from typing import Any
 import clu.metrics as clu_metrics
 import jax
 import jax.numpy as jnp
+import seqio.evaluation
+import tensorflow as tf
 from flax import traverse_util
 from t5x import adafactor as t5x_adafactor
 from t5x import metrics as t5x_metrics
@@ -101,7 +109,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     batches carry `task_ids [batch]` (0 for data without a `task_id` feature). Every
     method t5x uses to reach the network is routed through a copy of this model whose
     `module` adds the batch's task ids: `_compute_logits` (loss, eval, `score_batch`),
-    `get_initial_variables` (zeros of `input_shapes['task_ids']`) and
+    `get_initial_variables` (zeros `[batch]`) and
     `predict_batch_with_aux` (encoder, cache initialisation, every decoding step).
     Without `task_ids` in the batch it is exactly t5x's model.
     """
@@ -116,9 +124,11 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
         return bound
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
-        task_ids = None
-        if "task_ids" in input_shapes:
-            task_ids = jnp.zeros(input_shapes["task_ids"], jnp.int32)
+        # Initialisation needs task ids for a task-conditioned method, and their values
+        # do not matter; callers do not always pass a `task_ids` shape (t5x's evaluator
+        # leaves out per-example scalars), so use zeros `[batch]` either way.
+        batch = input_shapes["encoder_input_tokens"][0]
+        task_ids = jnp.zeros((batch,), jnp.int32)
         shapes = {k: v for k, v in input_shapes.items() if k != "task_ids"}
         return super(EncoderDecoderModel, self._bound(task_ids)).get_initial_variables(
             rng, shapes, input_types
@@ -307,3 +317,49 @@ class ProjectModelAdapter(t5x_models.BaseModel):
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
         return self.model.get_initial_variables(rng, input_shapes, input_types)
+
+
+# ----------------------------------------------------------------------------------------
+# seqio.Evaluator on data with rank-0 features
+# ----------------------------------------------------------------------------------------
+
+
+def _measure_without_scalar_features(measure):
+    """Wraps seqio's `_cache_and_measure_examples` so rank-0 features are not measured.
+
+    seqio reads `example[feature].shape[sequence_dim]` for every declared feature, which
+    fails for a scalar (`task_id`). The wrapper gives seqio the scalars as `[1]` vectors
+    while measuring and caching, turns them back into scalars in the cached datasets
+    (what the feature converter later reads), and drops them from the measured lengths
+    (they are not sequences, so they must not become feature lengths).
+    """
+
+    def wrapped(tasks, dataset_fn, sequence_dims, *args, **kwargs):
+        scalars = {
+            name
+            for task in tasks
+            for name, feature in task.output_features.items()
+            if feature.rank == 0
+        }
+        if not scalars:
+            return measure(tasks, dataset_fn, sequence_dims, *args, **kwargs)
+
+        def reshape(ds, shape):
+            return ds.map(
+                lambda ex: {k: tf.reshape(v, shape) if k in scalars else v for k, v in ex.items()}
+            )
+
+        cached, lengths = measure(
+            tasks, lambda task: reshape(dataset_fn(task), [1]), sequence_dims, *args, **kwargs
+        )
+        cached = {name: reshape(ds, []) for name, ds in cached.items()}  # keeps cardinality
+        return cached, {k: v for k, v in lengths.items() if k not in scalars}
+
+    wrapped.wraps_scalar_features = True
+    return wrapped
+
+
+if not getattr(seqio.evaluation._cache_and_measure_examples, "wraps_scalar_features", False):
+    seqio.evaluation._cache_and_measure_examples = _measure_without_scalar_features(
+        seqio.evaluation._cache_and_measure_examples
+    )

@@ -421,7 +421,7 @@ def test_t5x_infer_equals_package_decoding(run, workdir, t5x_entry_points):
     ])
     gin.get_configurable(t5x_entry_points["infer"])()
     gin.clear_config()
-    (path,) = glob.glob(str(out / f"{PREDICT_TASK}-predict.jsonl*"))
+    path = out / f"{PREDICT_TASK}-predict.jsonl-00000-of-00001"
     t5x_predictions = [json.loads(line)["prediction"] for line in open(path)]
     ours, _ = _package_predictions(run)
     assert t5x_predictions == ours
