@@ -285,8 +285,8 @@ class ProjectModelAdapter(t5x_models.BaseModel):
     Loss, decoding (`model.decode_fn`: this package's `beam_search` or
     `temperature_sample`), scoring and init are the package model's own; the adapter
     adds what t5x's trainer needs: `optimizer_def`, clu metrics from `loss_fn`, and the
-    task-id feature converter. gin: `MODEL = @t5x_bridge.ProjectModelAdapter()` with
-    `ProjectModelAdapter.model = @models.EncoderDecoderModel()`.
+    task-id feature converter. gin: include `t5x/include/project_model.gin` after the
+    method file.
     """
 
     def __init__(self, model: Any, optimizer_def: Any):
@@ -316,7 +316,9 @@ class ProjectModelAdapter(t5x_models.BaseModel):
         return self.model.score_batch(params, batch, return_intermediates=return_intermediates)
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
-        return self.model.get_initial_variables(rng, input_shapes, input_types)
+        shapes = dict(input_shapes)  # task ids for init, as EncoderDecoderModel above
+        shapes.setdefault("task_ids", (input_shapes["encoder_input_tokens"][0],))
+        return self.model.get_initial_variables(rng, shapes, input_types)
 
 
 # ----------------------------------------------------------------------------------------

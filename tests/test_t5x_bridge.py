@@ -27,12 +27,13 @@ One test also runs the literal `python -m t5x.train` command line of docs/t5x.md
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -191,11 +192,11 @@ def t5x_entry_points():
     gin.clear_config()
 
 
-def _parse(workdir, run_file: str, method: str, bindings: list[str]) -> None:
+def _parse(workdir, run_file: str, method: str, bindings: list[str], extra_files=()) -> None:
     gin.clear_config()
     t5x_gin_utils.parse_gin_flags(
         [T5X_SOURCE, gin_utils.PACKAGE_GIN_DIR],
-        [SIZE_FILE, run_file, f"t5x/{method}.gin", str(workdir / "tiny.gin")],
+        [SIZE_FILE, run_file, f"t5x/{method}.gin", *extra_files, str(workdir / "tiny.gin")],
         bindings,
     )
 
@@ -229,10 +230,10 @@ def _is_method_param(path: str) -> bool:
 class _Run:
     """One method trained by `t5x.train`, and what the checks need from it."""
 
-    def __init__(self, workdir, method, entries):
+    def __init__(self, workdir, method, entries, extra_gin_files=(), name=None):
         self.method = method
         self.mixture = METHODS[method][0]
-        self.model_dir = str(workdir / f"{method}_model")
+        self.model_dir = str(workdir / f"{name or method}_model")
         bindings = _method_bindings(workdir, method) + [
             f"MODEL_DIR = '{self.model_dir}'",
             f"MIXTURE_OR_TASK_NAME = '{self.mixture}'",
@@ -249,9 +250,8 @@ class _Run:
             "utils.SaveCheckpointConfig.period = 1",
             "train.train_eval_dataset_cfg = None",
         ]
-        _parse(workdir, "t5x/configs/runs/pretrain.gin", method, bindings)
+        _parse(workdir, "t5x/configs/runs/pretrain.gin", method, bindings, extra_gin_files)
         self.model = gin.query_parameter("%MODEL").scoped_configurable_fn()
-        self.bindings = bindings
         _, self.state = gin.get_configurable(entries["train"])()
         self.losses = _event_values(os.path.join(self.model_dir, "train"), "loss")
         # This package's recipe for the method, from the same gin config (the t5x file
@@ -292,9 +292,18 @@ class _Run:
         return [dict(b) for b, _ in zip(ds.as_numpy_iterator(), range(STEPS))]
 
 
+_RUNS: dict[str, _Run] = {}
+
+
+def _get_run(workdir, method, entries) -> _Run:
+    if method not in _RUNS:
+        _RUNS[method] = _Run(workdir, method, entries)
+    return _RUNS[method]
+
+
 @pytest.fixture(scope="module", params=list(METHODS))
 def run(request, workdir, t5x_entry_points):
-    return _Run(workdir, request.param, t5x_entry_points)
+    return _get_run(workdir, request.param, t5x_entry_points)
 
 
 # ----------------------------------------------------------------------------------------
@@ -438,3 +447,114 @@ def test_t5x_infer_equals_package_decoding(run, workdir, t5x_entry_points):
         predictions, targets = _package_predictions(run)
         ours_accuracy = 100.0 * np.mean([p == t for p, t in zip(predictions, targets)])
         np.testing.assert_allclose(t5x_accuracy, ours_accuracy, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# This package's model and decoders in t5x's places
+# ----------------------------------------------------------------------------------------
+
+ADAPTER_METHOD = "hyperprompt_share"  # task ids, and every parameter trained
+
+
+def test_package_decoders_as_t5x_decode_fn(workdir, t5x_entry_points):
+    """t5x's model calls the decoders with its own arguments (cache_offset, eos_id, ...):
+    this package's beam search / greedy sampling give t5x's decoders' results."""
+    run = _get_run(workdir, ADAPTER_METHOD, t5x_entry_points)
+    batch = {k: jnp.asarray(v) for k, v in run.batches[0].items()}
+
+    def predict(decode_fn, **kwargs):
+        model = copy.copy(run.model)
+        model._decode_fn = decode_fn
+        fn = jax.jit(functools.partial(model.predict_batch_with_aux, **kwargs))
+        return jax.device_get(fn(run.state.params, batch))
+
+    for ours, theirs, kwargs in (
+        (decoding.beam_search, t5x_decoding.beam_search, {"num_decodes": 3}),
+        (
+            decoding.temperature_sample,
+            t5x_decoding.temperature_sample,
+            {"num_decodes": 1, "decoder_params": {"topk": 1}},
+        ),
+    ):
+        tokens, aux = predict(ours, return_all_decodes=True, **kwargs)
+        t5x_tokens, t5x_aux = predict(theirs, return_all_decodes=True, **kwargs)
+        np.testing.assert_array_equal(tokens, t5x_tokens)
+        if ours is decoding.beam_search:
+            np.testing.assert_allclose(aux["scores"], t5x_aux["scores"], rtol=1e-5)
+
+
+def test_package_model_as_t5x_model(workdir, t5x_entry_points):
+    """t5x.train with MODEL = this package's model (t5x/include/project_model.gin)
+    trains exactly like the task-id bridge model (same data, init and optimizer)."""
+    bridge = _get_run(workdir, ADAPTER_METHOD, t5x_entry_points)
+    adapted = _Run(
+        workdir,
+        ADAPTER_METHOD,
+        t5x_entry_points,
+        extra_gin_files=["t5x/include/project_model.gin"],
+        name="adapter",
+    )
+    assert isinstance(adapted.model, t5x_bridge.ProjectModelAdapter)
+    np.testing.assert_allclose(
+        [adapted.losses[s] for s in sorted(adapted.losses)],
+        [bridge.losses[s] for s in sorted(bridge.losses)],
+        rtol=1e-5,
+    )
+    ours, theirs = _flat(jax.device_get(adapted.state.params)), _flat(jax.device_get(bridge.state.params))
+    for name, value in theirs.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    accuracy = _event_values(os.path.join(adapted.model_dir, "train"), "accuracy")
+    assert sorted(accuracy) == sorted(adapted.losses)  # clu metrics reached the summaries
+
+
+# ----------------------------------------------------------------------------------------
+# The documented command line
+# ----------------------------------------------------------------------------------------
+
+SHIM = """\
+# The one shim t5x needs on current JAX (docs/t5x.md): jestimator imports PartitionSpec
+# from jax.experimental.pjit, where JAX no longer defines it.
+import jax.experimental.pjit, jax.sharding
+jax.experimental.pjit.PartitionSpec = jax.sharding.PartitionSpec
+"""
+
+
+def test_python_m_t5x_train_command_line(workdir):
+    """`python -m t5x.train` as in docs/t5x.md: t5x's small.gin and pretrain.gin, then
+    gin/t5x/hyperprompt_share.gin, with the test's tiny size file after them."""
+    shim = workdir / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM)
+    model_dir = workdir / "cli_model"
+    gin_dir = subprocess.run(
+        [sys.executable, "-m", "hyperprompt_jax.gin_utils", "--dir"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert gin_dir == gin_utils.PACKAGE_GIN_DIR
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(shim), *_T5X_PATHS, *filter(None, [env.get("PYTHONPATH")])]
+    )
+    command = [
+        sys.executable, "-m", "t5x.train",
+        f"--gin_search_paths={T5X_SOURCE},{gin_dir}",
+        "--gin_file=t5x/examples/t5/t5_1_1/small.gin",
+        "--gin_file=t5x/configs/runs/pretrain.gin",
+        "--gin_file=t5x/hyperprompt_share.gin",
+        f"--gin_file={workdir / 'tiny.gin'}",
+        f"--gin.NUM_TASKS={len(synthetic.TASK_NAMES)}",
+        f"--gin.MIXTURE_OR_TASK_NAME='{synthetic.MIXTURE_NAME}'",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+        "--gin.TRAIN_STEPS=2",
+        f"--gin.BATCH_SIZE={BATCH}",
+        "--gin.USE_CACHED_TASKS=False",
+        "--gin.DROPOUT_RATE=0.1",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "checkpoint_2").is_dir()
+    losses = _event_values(str(model_dir / "train"), "loss")
+    assert sorted(losses) == [2] and np.isfinite(losses[2])
