@@ -190,6 +190,41 @@ def _like_container(reference: PyTree, new: PyTree) -> PyTree:
     return new
 
 
+def _batch_axis_first(
+    cache: PyTree, tokens_to_logits: TokensToLogits, cache_offset: int
+) -> tuple[PyTree, TokensToLogits]:
+    """Handles t5x's `cache_offset`: the cache's batch axis is `cache_offset` (1 for
+    scanned layers, whose cache arrays are `[layers, batch, ...]`), not 0.
+
+    The decoders work on a batch-first cache, so the per-row arrays (rank above
+    `cache_offset`; see `cache_map`) are moved to batch-first here, and the returned
+    `tokens_to_logits` moves them back around every model call. Offset 0 returns both
+    unchanged.
+
+    Raises:
+      ValueError: for a negative or non-int offset.
+    """
+    if not isinstance(cache_offset, (int, np.integer)) or cache_offset < 0:
+        raise ValueError(f"cache_offset must be a static int >= 0; got {cache_offset!r}.")
+    if cache_offset == 0:
+        return cache, tokens_to_logits
+
+    def move(x: jax.Array, source: int, destination: int) -> jax.Array:
+        return jnp.moveaxis(x, source, destination) if jnp.ndim(x) > cache_offset else x
+
+    def to_front(c: PyTree) -> PyTree:
+        return cache_map(lambda x: move(x, cache_offset, 0), c)
+
+    def to_model(c: PyTree) -> PyTree:
+        return cache_map(lambda x: move(x, 0, cache_offset), c)
+
+    def step(state: DecodingState) -> tuple[jax.Array, PyTree]:
+        logits, new_cache = tokens_to_logits(state.replace(cache=to_model(state.cache)))
+        return logits, to_front(new_cache)
+
+    return to_front(cache), step
+
+
 def _call_model(
     tokens_to_logits: TokensToLogits, state: DecodingState, num_rows: int
 ) -> tuple[jax.Array, PyTree]:
@@ -329,9 +364,13 @@ def temperature_sample(
     temperature: float | jax.Array = 1.0,
     topk: int = 1,
     topp: float | jax.Array = 0.0,
+    cache_offset: int = 0,
     initial_index: jax.Array | None = None,
     max_decode_steps: int | jax.Array | None = None,
+    max_decode_steps_hard_limit: int | None = None,
     rescale_log_probs: bool = True,
+    state_callback_fn: Callable[[Any], Any] | None = None,
+    logit_callback_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Samples `num_decodes` continuations per example (t5x's `temperature_sample`).
 
@@ -358,9 +397,19 @@ def temperature_sample(
         `inputs[b, initial_index[b]]` and the cache's `cache_index` should be `[batch]`.
       max_decode_steps: optional number of tokens to generate after the prompt (its
         non-zero tokens), at most `length`.
+      max_decode_steps_hard_limit: optional static cap on `max_decode_steps` (t5x's
+        argument; used only when `max_decode_steps` is given and the cap is > 0).
       rescale_log_probs: if True the returned log-probs are under the temperature / top-k
         / top-p distribution actually sampled from (greedy steps add 0); if False, under
         the model's raw logits.
+      cache_offset: the cache's batch axis (t5x's argument: 1 for scanned layers).
+      state_callback_fn: optional `state -> state` applied to the loop state at the start
+        of every step and to the final state (t5x's hook). The state has t5x's
+        `SamplingLoopState` fields except `step`: `cur_index [rows]`, `sequences
+        [rows, length + 2]`, `cache`, `cur_token [rows, 1]`, `ended [rows]`, `rng`,
+        `log_prob [rows]` (rows = batch * num_decodes).
+      logit_callback_fn: optional `(logits [rows, vocab], state) -> logits` applied to
+        every step's logits before sampling (t5x's hook).
 
     Returns:
       `(sequences [batch, num_decodes, length] int32, log_probs [batch, num_decodes]
@@ -407,6 +456,9 @@ def temperature_sample(
             )
     if decode_rng is None:
         decode_rng = jax.random.PRNGKey(0)
+    if max_decode_steps is not None and max_decode_steps_hard_limit:
+        max_decode_steps = jnp.minimum(max_decode_steps, max_decode_steps_hard_limit)
+    cache, tokens_to_logits = _batch_axis_first(cache, tokens_to_logits, cache_offset)
 
     if num_decodes > 1:
         inputs = flat_batch_beam_expand(inputs, num_decodes)
@@ -426,6 +478,8 @@ def temperature_sample(
         initial_index,
         max_decode_steps,
         rescale_log_probs,
+        state_callback_fn,
+        logit_callback_fn,
     )
     sequences = unflatten_beam_dim(sequences, batch_size, num_decodes)
     log_prob = unflatten_beam_dim(log_prob, batch_size, num_decodes)
@@ -448,6 +502,8 @@ def _sample_loop(
     initial_index: jax.Array | None,
     max_decode_steps: int | jax.Array | None,
     rescale_log_probs: bool,
+    state_callback_fn: Callable[[Any], Any] | None = None,
+    logit_callback_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sampling over flat rows: `[rows, length]` -> (`[rows, length]`, `[rows]`)."""
     num_rows, length = inputs.shape
@@ -483,6 +539,8 @@ def _sample_loop(
         return ~jnp.all(state.ended)
 
     def body_fn(state: _SamplingState) -> _SamplingState:
+        if state_callback_fn is not None:
+            state = state_callback_fn(state)
         rng, step_rng = jax.random.split(state.rng)
         logits, new_cache = _call_model(
             tokens_to_logits,
@@ -494,6 +552,8 @@ def _sample_loop(
             ),
             num_rows,
         )
+        if logit_callback_fn is not None:
+            logits = logit_callback_fn(logits, state)
         token, token_log_prob = _sample_next(
             logits, step_rng, temperature, topk, topp, rescale_log_probs
         )
@@ -519,6 +579,8 @@ def _sample_loop(
         )
 
     final = lax.while_loop(cond_fn, body_fn, state0)
+    if state_callback_fn is not None:
+        final = state_callback_fn(final)
     return final.sequences[:, 1:-1], final.log_prob
 
 
@@ -551,7 +613,11 @@ def beam_search(
     num_decodes: int = 4,
     alpha: float = 0.6,
     max_decode_len: int | None = None,
+    max_decode_step: int = -1,
+    min_log_prob: float = NEG_INF,
     decode_rng: jax.Array | None = None,
+    cache_offset: int = 0,
+    initial_index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search with t5x's bookkeeping and brevity penalty.
 
@@ -575,7 +641,15 @@ def beam_search(
       num_decodes: static beam size (= number of returned hypotheses).
       alpha: brevity-penalty exponent.
       max_decode_len: static number of output positions (default `length`).
+      max_decode_step: if > 0, stop after this many steps (t5x's hard limit on steps).
+      min_log_prob: stop once no example has a live beam whose raw log-probability
+        beats `min_log_prob / brevity_penalty(alpha, max_decode_len + 1)` (t5x's early
+        exit; the default `NEG_INF` never triggers it).
       decode_rng: unused (beam search is deterministic); accepted for API parity.
+      cache_offset: the cache's batch axis (t5x's argument: 1 for scanned layers).
+      initial_index: must be None. t5x passes a prompt start index only to decoders
+        of networks that prefill the cache (`decode(..., prefill=True)`), which this
+        network does not; beam search here teacher-forces prompts token by token.
 
     Returns:
       `(sequences [batch, num_decodes, max_decode_len] int32, scores [batch, num_decodes]
@@ -586,6 +660,12 @@ def beam_search(
       ValueError: on malformed inputs or options.
     """
     del decode_rng
+    if initial_index is not None:
+        raise ValueError(
+            "beam_search: initial_index (a prefilled cache) is not supported; pass None and "
+            "keep prompts in `inputs` (they are teacher-forced)."
+        )
+    cache, tokens_to_logits = _batch_axis_first(cache, tokens_to_logits, cache_offset)
     inputs = _validate_inputs(inputs, "beam_search")
     batch_size, length = inputs.shape
     beams = num_decodes
@@ -625,6 +705,12 @@ def beam_search(
         # Empty finished slots never count as "beats the live beams".
         worst_finished = jnp.where(state.finished_flags, worst_finished, NEG_INF)
         search_over = jnp.all(worst_finished > best_live)
+        if max_decode_step > 0:
+            search_over = search_over | (state.cur_index >= max_decode_step)
+        if min_log_prob > NEG_INF:
+            # Raw live log-probs (no penalty) against the threshold, as t5x.
+            none_pass = jnp.all(best_live < min_log_prob / brevity_penalty(alpha, seq_len))
+            search_over = search_over | (none_pass & (state.cur_index > 0))
         return not_at_end & ~search_over
 
     def body_fn(state: _BeamState) -> _BeamState:

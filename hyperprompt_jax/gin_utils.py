@@ -210,3 +210,28 @@ def check_macro_bindings(bindings: Sequence[str]) -> None:
         raise UserError(
             f"--gin.{name}: no gin binding uses the macro {name}, so it would have no effect.{hint}"
         )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m hyperprompt_jax.gin_utils --dir` prints the installed gin directory.
+
+    That directory goes on t5x's `--gin_search_paths` so `t5x/<method>.gin` (and the
+    package's `methods/*.gin` they include) resolve; see docs/t5x.md.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hyperprompt_jax.gin_utils",
+        description="Locations of hyperprompt-jax's gin files.",
+    )
+    parser.add_argument(
+        "--dir", action="store_true", help="print the installed gin directory and exit"
+    )
+    args = parser.parse_args(argv)
+    if not args.dir:
+        parser.error("nothing to do; pass --dir")
+    print(PACKAGE_GIN_DIR)
+
+
+if __name__ == "__main__":
+    main()

@@ -57,6 +57,18 @@ METHOD_AXIS_RULES: Tuple[Tuple[str, str | None], ...] = (
     ("task_mlp", None),
 )
 
+# Adafactor second-moment factorization of the same axes, in t5x's vocabulary
+# ('row' / 'col' / 'batch' / 'none'; `hyperprompt_jax.t5x_bridge` adds them to t5x's
+# `standard_logical_factor_rules`, which needs a rule for every axis of a rank-3+
+# parameter). Every method tensor is small along all but one axis (prompt length,
+# number of prompts or tasks, bottleneck), so none is factored: 'none' keeps the full
+# second moment, and t5x then takes the update RMS (clipping, parameter scale) over
+# the whole tensor, which is what `optim.adafactor` does for them. Rank-2 method
+# parameters (one prompt, the router) fall back to t5x's size heuristic, as here.
+METHOD_FACTOR_RULES: Tuple[Tuple[str, str], ...] = tuple(
+    (name, "none") for name, _ in METHOD_AXIS_RULES
+)
+
 
 def standard_logical_axis_rules(
     activation_partitioning_dims: int = 1,

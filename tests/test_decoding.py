@@ -532,3 +532,74 @@ def test_beam_search_validation_errors(chain):
         decoding.beam_search(inputs, cache, chain.tokens_to_logits, EOS, max_decode_len=0)
     with pytest.raises(ValueError, match="integer tokens"):
         decoding.beam_search(inputs.astype(np.float32), cache, chain.tokens_to_logits, EOS)
+
+
+# ----------------------------------------------------------------------------------------
+# t5x's decode_fn arguments (t5x's EncoderDecoderModel passes them to its decode_fn)
+# ----------------------------------------------------------------------------------------
+
+
+def _batch_axis_one(chain):
+    """The toy with t5x's scanned-layer cache layout: per-row arrays `[1, batch, ...]`
+    (batch on axis 1, t5x's `cache_offset=1`)."""
+
+    def tokens_to_logits(state):
+        inner = state.replace(cache=decoding.cache_map(lambda x: x[0], state.cache))
+        logits, cache = chain.tokens_to_logits(inner)
+        return logits, decoding.cache_map(lambda x: x[None], cache)
+
+    def init_cache(bias, length):
+        cache = chain.init_cache(bias, length)
+        return decoding.cache_map(lambda x: x[None], cache)  # [1, batch, ...]
+
+    return tokens_to_logits, init_cache
+
+
+@pytest.mark.parametrize("decoder", ["beam_search", "temperature_sample"])
+def test_cache_offset_gives_the_batch_first_results(chain, batch, decoder):
+    bias, inputs, _ = batch
+    stacked_step, stacked_cache = _batch_axis_one(chain)
+    kwargs = {"eos_id": EOS, "num_decodes": 2}
+    if decoder == "temperature_sample":
+        kwargs.update(temperature=0.7, topk=0, decode_rng=jax.random.PRNGKey(3))
+    fn = getattr(decoding, decoder)
+    expected = fn(inputs, chain.init_cache(bias, LENGTH), chain.tokens_to_logits, **kwargs)
+    got = fn(inputs, stacked_cache(bias, LENGTH), stacked_step, cache_offset=1, **kwargs)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
+
+
+def test_logit_callback_and_t5x_only_arguments(chain, batch):
+    bias, inputs, _ = batch
+    sample = functools.partial(
+        decoding.temperature_sample,
+        inputs,
+        chain.init_cache(bias, LENGTH),
+        chain.tokens_to_logits,
+        EOS,
+        temperature=0.0,
+    )
+    plain = sample()
+    # Identity hooks and t5x's defaults change nothing.
+    same = sample(
+        logit_callback_fn=lambda logits, state: logits,
+        state_callback_fn=lambda state: state,
+        cache_offset=0,
+        max_decode_steps_hard_limit=None,
+    )
+    np.testing.assert_array_equal(same[0], plain[0])
+    # A callback that forbids the greedy first token changes it (prompt rows excepted).
+    first = np.asarray(plain[0])[:, 0, 0]
+    banned = int(first[0])
+    forbid = lambda logits, state: logits.at[:, banned].set(-1e9)  # noqa: E731
+    changed = np.asarray(sample(logit_callback_fn=forbid)[0])
+    assert banned not in changed[0, 0]
+    with pytest.raises(ValueError, match="initial_index"):
+        decoding.beam_search(
+            inputs, chain.init_cache(bias, LENGTH), chain.tokens_to_logits, EOS,
+            initial_index=jnp.zeros((3,), jnp.int32),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="cache_offset"):
+        decoding.beam_search(
+            inputs, chain.init_cache(bias, LENGTH), chain.tokens_to_logits, EOS, cache_offset=-1
+        )
