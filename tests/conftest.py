@@ -42,3 +42,44 @@ def tiny_t5x_checkpoint(fixtures: pathlib.Path) -> pathlib.Path:
     if not path.is_dir():
         pytest.fail(f"The fixtures folder {fixtures} exists but lacks {path}.")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# In CI (CI=true) a skip is a failure: a missing reference (torch, transformers, peft,
+# the fixtures) must not turn the strongest checks into silent skips. The one exception
+# is the t5x bridge (t5x is not on the package registry), which skips with its reason.
+# ---------------------------------------------------------------------------------------
+
+_MAY_SKIP_IN_CI = ("test_t5x_bridge",)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _may_skip(nodeid: str) -> bool:
+    return any(name in nodeid for name in _MAY_SKIP_IN_CI)
+
+
+def _fail_skip(report) -> None:
+    if _ci() and report.skipped and not _may_skip(report.nodeid):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI=true ({reason}); only the t5x bridge tests may skip in CI: "
+            "install the test extra (pip install -e '.[test]') and the fixtures"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when in ("setup", "call"):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())

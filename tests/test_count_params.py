@@ -18,33 +18,10 @@ import numpy as np
 import pytest
 from flax.core import freeze
 
+from hyperprompt_jax import config, count_params, hyperprompt, trainable
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _import_gin_config() -> None:
-    """Imports the gin-config library even when the repository root is on sys.path.
-
-    `python -m pytest` from the repository root puts the root first on sys.path, where
-    the `gin/` folder of gin files (a package, for installation) shadows gin-config.
-    Import the library with the root temporarily removed; a no-op once `import gin`
-    already gives gin-config.
-    """
-    import gin
-
-    if hasattr(gin, "REQUIRED"):
-        return
-    del sys.modules["gin"]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != str(REPO_ROOT)]
-    try:
-        import gin  # noqa: F401,F811
-    finally:
-        sys.path[:] = saved
-
-
-_import_gin_config()
-
-from hyperprompt_jax import config, count_params, hyperprompt, trainable  # noqa: E402
 
 
 def t5_1_1_total(cfg: config.T5Config) -> int:
@@ -107,8 +84,7 @@ def test_hyperprompt_requires_num_tasks():
 
 
 def test_command_line_prints_the_table_and_last_line(tmp_path):
-    # Run outside the repository root: there, the repository's `gin/` folder (gin files,
-    # a package) would shadow the gin-config library on sys.path.
+    # Run from an unrelated directory: gin files resolve from the installed package.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     args = [
         sys.executable,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperprompt_jax import config, decoding, losses, models, network
+from hyperprompt_jax import config, decoding, models, network
 
 CFG = config.T5Config(
     vocab_size=40,
@@ -381,4 +381,3 @@ def test_errors():
         model.predict_batch({}, batch)
     with pytest.raises(ValueError, match="lacks \\['decoder_target_tokens'\\]"):
         model.score_batch({}, {k: v for k, v in batch.items() if k != "decoder_target_tokens"})
-    assert losses.LossNormalizingFactor  # the enum gin files refer to

@@ -235,7 +235,7 @@ def test_rank_on_released_prompts_follows_the_numpy_reference(
 
 
 def test_cli_module_entry_point_rank_and_init(released_prompts, naive_fixture_matrices, tmp_path):
-    # `python -m hyperprompt_jax.spot` (run where no local `gin/` can shadow packages).
+    # `python -m hyperprompt_jax.spot`, run from an unrelated directory as a user would.
     init = tmp_path / "rte_init.npy"
     cmd = [
         sys.executable, "-m", "hyperprompt_jax.spot", "init", f"--library={released_prompts}",
@@ -395,8 +395,7 @@ def test_rank_uses_embeddings_and_init_uses_transfer_prompts(tmp_path, capsys):
 
 def test_synthetic_related_source_ranks_above_unrelated(tmp_path):
     # The experiment harness (benchmarks/spot_synthetic.py, small configuration: real
-    # training through the launcher), in its own process started outside the repository
-    # so the repository's `gin/` folder cannot shadow the gin-config package.
+    # training through the launcher), in its own process started outside the repository.
     out = tmp_path / "result.json"
     script = REPO_ROOT / "benchmarks" / "spot_synthetic.py"
     cmd = [sys.executable, str(script), f"--workdir={tmp_path}", "--config=small", f"--json={out}"]
