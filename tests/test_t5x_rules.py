@@ -28,12 +28,12 @@ HOOKS = {
     "multi_task_prompt": {"prompt": prompts.SoftPrompt(length=2, num_tasks=3)},
     "smop": {"prompt": smop.SMoP(num_prompts=2, length=2)},
     **{
-        f"hyperprompt_{v}": {
+        f"hyperprompt_{name}": {
             "hyperprompt": hyperprompt.HyperPrompt(
-                num_tasks=3, prompt_length=2, bottleneck_dim=4, variant=v
+                num_tasks=3, prompt_length=2, bottleneck_dim=4, hypernetworks=hypernetworks
             )
         }
-        for v in hyperprompt.VARIANTS
+        for name, hypernetworks in hyperprompt.VARIANTS.items()
     },
 }
 # t5x's scanned-layer axis, which t5x's standard tables already name (BATCH / replicated).

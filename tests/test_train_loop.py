@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from hyperprompt_jax import evaluation, optim, partitioning, train, utils
+from hyperprompt_jax import checkpoints, evaluation, optim, partitioning, train
 from hyperprompt_jax import trainer as trainer_lib
 from tests.test_train import SHAPES, make_batch, tiny_model
 
@@ -99,7 +99,7 @@ def test_early_stopping_stops_and_a_rerun_does_not_train_again(tmp_path, capsys)
 
 def test_disk_full_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "model"
-    real_save = utils.Checkpointer.save
+    real_save = checkpoints.Checkpointer.save
 
     def save(self, step, state, force=False):
         if step < 2:
@@ -107,7 +107,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, capsys
         os.makedirs(model_dir / f"checkpoint_{step}.orbax-checkpoint-tmp-1795984294")
         raise OSError(errno.ENOSPC, "No space left on device", str(model_dir))
 
-    monkeypatch.setattr(utils.Checkpointer, "save", save)
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save)
     code = train.main(
         [
             *QUICK,
