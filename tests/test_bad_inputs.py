@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -29,8 +30,11 @@ from hyperprompt_jax import infer as infer_entry
 from hyperprompt_jax import model_dir as model_dir_lib
 from hyperprompt_jax import trainer as trainer_lib
 
+# MODEL_DIR is required; rows that must fail before writing anything point it here.
+_SCRATCH = tempfile.mkdtemp(prefix="hp_bad_inputs_")
 QUICK = [
     "--gin_file=quickstart.gin",
+    f"--gin.MODEL_DIR='{_SCRATCH}/model'",
     "--gin.TRAIN_STEPS=2",
     "--gin.SAVE_PERIOD=2",
     "--gin.LOG_PERIOD=1",
