@@ -570,26 +570,34 @@ class GinScan:
             return None
 
     def unset(self, roots: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Settings reachable from `roots` that are `%gin.REQUIRED`, and undefined macros.
+        """Settings still `%gin.REQUIRED`, and macros used from `roots` but never defined.
+
+        gin itself rejects every `%gin.REQUIRED` left anywhere in the configuration
+        (when it is finalized, one at a time), so all of them are reported; undefined
+        macros only matter where the entry point uses them.
 
         Returns:
           `(missing, undefined)`: macro names (or `selector.param` of required
-          parameters) in the order found, and macros referenced but never defined.
+          parameters) in the order defined, and undefined macros in the order found.
         """
-        missing, undefined, seen = [], [], set()
+        required = [("%", "gin.REQUIRED")]
+        missing = [n for n, v in self.macros.items() if list(_references(v.tokens)) == required]
+        missing += [
+            v.name for v in self.bindings.values() if list(_references(v.tokens)) == required
+        ]
+        undefined, seen = [], set()
 
-        def visit(value: _Value, where: str) -> None:
+        def visit(value: _Value) -> None:
             for kind, ref in _references(value.tokens):
                 if kind == "%":
                     if ref == "gin.REQUIRED":
-                        if where not in missing:
-                            missing.append(where)
-                    elif ref not in self.macros:
+                        continue
+                    if ref not in self.macros:
                         if ref not in undefined:
                             undefined.append(ref)
                     elif ("%", ref) not in seen:
                         seen.add(("%", ref))
-                        visit(self.macros[ref], ref)
+                        visit(self.macros[ref])
                 else:
                     scope, _, name = ref.rpartition("/")
                     configurable(scope, self._canonical(name))
@@ -600,12 +608,11 @@ class GinScan:
             seen.add(("@", scope, name))
             for (s, selector, _), value in self.bindings.items():
                 if selector == name and s in ("", scope):
-                    visit(value, value.name)
+                    visit(value)
 
         for root in roots:
             if root.startswith("%"):
-                value = _Value(list(_tokens(root)), root, "root")
-                visit(value, root[1:])
+                visit(_Value(list(_tokens(root)), root, "root"))
             else:
                 configurable("", root)
         return missing, undefined
