@@ -1,7 +1,7 @@
 """The command-line layer every entry point shares: help, early checks, quiet output.
 
-Each entry point (`train`, `eval`, `infer`, `plan`, `count_params`, `task_registry`,
-the SPoT CLI) starts with
+Each entry point (`train`, `eval`, `infer`, `plan`, `count_params`, `task_registry`)
+starts with
 
     if __name__ == "__main__":
         from hyperprompt_jax import cli
@@ -233,21 +233,6 @@ COMMANDS: dict[str, Command] = {
             ("list [SUBSTRING]", "registered task / mixture names"),
             ("check NAME [--split=S]", "is the TFDS data of a task / mixture prepared?"),
             ("prepare NAME [--data_dir=DIR]", "download and prepare its TFDS data"),
-        ),
-    ),
-    "spot": Command(
-        module="hyperprompt_jax.spot",
-        summary="SPoT: prompts as task embeddings, retrieval and transfer.",
-        usage="SUBCOMMAND [flags]   (SUBCOMMAND --help lists its flags)",
-        example="python -m hyperprompt_jax.spot similarity --library=prompts --output_dir=sim",
-        gin=False,
-        options=(
-            ("export", "a checkpoint's prompt -> LIBRARY/NAME.npy + NAME.json metadata"),
-            ("similarity", "task similarity over a library: CSVs, heatmap, dendrogram"),
-            ("rank", "the library's prompts ordered by similarity to a target prompt"),
-            ("init", "top-k weighted average of the library -> an initial prompt .npy"),
-            ("mixture", "register a seqio mixture of the target plus the top-k sources"),
-            ("best_of_topk", "train a transfer from each top-k prompt, keep the best"),
         ),
     ),
 }

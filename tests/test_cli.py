@@ -60,13 +60,6 @@ def test_train_help_lists_search_paths_and_required_macros():
     assert "BATCH_SIZE" in text and "[= 128]" in text  # defaults read from runs/finetune.gin
 
 
-def test_spot_help_lists_subcommands():
-    text = cli.help_text("spot")
-    assert "subcommands:" in text
-    for sub in ("export", "similarity", "rank", "init", "mixture", "best_of_topk"):
-        assert f"\n  {sub} " in text
-
-
 def test_all_missing_required_macros_at_once_before_heavy_imports(tmp_path):
     result = _run(
         "train",
