@@ -226,6 +226,31 @@ def build_trainer(
     )
 
 
+QUICK_HELP = (
+    "tiny model (models/t5_1_1_tiny.gin), tiny batch, few steps: runs the whole script in "
+    "seconds to a minute to check it works; its numbers mean nothing"
+)
+
+
+def add_quick_flag(parser: Any) -> None:
+    """Adds `--quick` (see `QUICK_HELP`) to an `argparse` parser."""
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+
+
+def apply_quick(args: Any, **tiny: Any) -> None:
+    """With `--quick`, overrides the settings named in `tiny` and says so."""
+    if getattr(args, "quick", False):
+        for name, value in tiny.items():
+            setattr(args, name, value)
+        shown = ", ".join(f"{k}={v}" for k, v in tiny.items())
+        progress(f"--quick: {shown} (a check that the script runs; the numbers mean nothing)")
+
+
+def progress(message: str) -> None:
+    """A timestamped progress line, flushed at once (benchmarks are long and quiet)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def timed(fn, *args) -> tuple[Any, float]:
     """`(fn(*args), seconds)`."""
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python benchmarks/efficiency.py                       # T5-base and T5-large, all methods
     python benchmarks/efficiency.py --sizes=base --methods=prompt_tuning,smop
+    python benchmarks/efficiency.py --quick               # tiny model: checks the script runs
 
 For each model size and method the train step (`Trainer.compiled_train_step`: loss,
 gradients of the trainable parameters only, Adafactor, the sharded update) and an
@@ -73,6 +74,7 @@ def inference_step(trainer: Any) -> Any:
 def measure(size: str, method: str, args: argparse.Namespace, remat: str = "none") -> dict:
     """Compiles one (size, method) pair (layers rematerialised by `remat`); its numbers."""
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+    common.progress(f"compiling the train and inference steps of {size} {method} (remat {remat})")
     trainer = common.build_trainer(
         f"models/t5_1_1_{size}.gin",
         method,
@@ -307,7 +309,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--remat_methods", default="model_tuning,prompt_tuning", help="methods of the remat table"
     )
+    common.add_quick_flag(parser)
     args = parser.parse_args(argv)
+    common.apply_quick(
+        args, sizes="tiny", methods="model_tuning,prompt_tuning,smop,hyperprompt_share",
+        batch_size=2, inputs_length=32, targets_length=4, dtype="float32",
+        sweep_lengths="32", sweep_sizes="tiny", remat_policies="minimal",
+        remat_methods="prompt_tuning",
+    )  # fmt: skip
     args.sizes = [s for s in args.sizes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in common.METHODS]

@@ -2,6 +2,7 @@
 
     python benchmarks/step_breakdown.py                      # T5.1.1-small, full, batch 8, 128 / 16
     python benchmarks/step_breakdown.py --method=prompt_tuning --rounds=20
+    python benchmarks/step_breakdown.py --quick                 # tiny model: checks it runs
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/step_breakdown.py   # an XLA:CPU option
 
 Three jitted programs on the same state and batch, timed in turn (one of each per
@@ -36,7 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--targets_length", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="ACTIVATION_DTYPE")
     parser.add_argument("--rounds", type=int, default=12)
+    common.add_quick_flag(parser)
     args = parser.parse_args(argv)
+    common.apply_quick(
+        args, size="tiny", batch_size=2, inputs_length=16, targets_length=4, rounds=2
+    )
 
     import jax
     import numpy as np
@@ -99,11 +104,13 @@ def main(argv=None) -> int:
 
     names = ["gradients", "step without guard", "step"]
     for name in names:  # Compile.
+        common.progress(f"compiling {name}")
         run(name)
     times = {name: [] for name in names}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for name in names:
             times[name].append(run(name))
+        common.progress(f"round {r + 1}/{args.rounds}: step {1000 * times['step'][-1]:.0f} ms")
     med = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"\nT5.1.1-{args.size} {args.method}, batch {b}, inputs {n_in}, targets {n_out}, "

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                  # T5.1.1-small shape, batch 8, 128 / 16
     python benchmarks/throughput.py --rounds=5 --steps=10 --variants=float32,bfloat16
+    python benchmarks/throughput.py --quick          # tiny model, ~1 minute: checks it runs
 
 Both frameworks train the same thing: a randomly initialised T5.1.1-small-shaped
 encoder-decoder (d 512, 6 heads x 64, GeGLU MLP 1024, 8 + 8 layers, vocabulary 32128,
@@ -55,6 +56,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
+# The shape of models/t5_1_1_tiny.gin (--quick).
+TINY = dict(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+SHAPES = {"small": SMALL, "tiny": TINY}
 PROMPT_LENGTH = 100
 
 # Our variants: name -> extra gin bindings.
@@ -95,11 +99,24 @@ def machine_busy(seconds: float = 2.0) -> float:
 
 
 def wait_until_quiet(max_busy: float, timeout: float) -> float:
-    """Waits (up to `timeout` s) until the machine is at most `max_busy` busy; returns it."""
-    deadline = time.time() + timeout
+    """Waits (up to `timeout` s) until the machine is at most `max_busy` busy; returns it.
+
+    Says what it waits for when it has to wait, and when it gives up.
+    """
+    start = time.time()
     busy = machine_busy()
-    while busy > max_busy and time.time() < deadline:
-        busy = machine_busy(5.0)
+    if busy > max_busy:
+        common.progress(
+            f"waiting for an idle CPU: {busy:.0%} busy, measuring starts at <= {max_busy:.0%} "
+            f"(at most {timeout:.0f} s; --max_busy / --wait_timeout change this)"
+        )
+    while busy > max_busy and time.time() - start < timeout:
+        busy = machine_busy(min(5.0, max(0.5, timeout - (time.time() - start))))
+    if busy > max_busy:
+        common.progress(
+            f"CPU still {busy:.0%} busy after {time.time() - start:.0f} s; measuring anyway "
+            "(runs on a busy machine are reported but left out of the tables if quiet ones exist)"
+        )
     return busy
 
 
@@ -118,7 +135,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
         bindings.append(f"PROMPT_LENGTH={PROMPT_LENGTH}")
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     trainer = common.build_trainer(
-        "models/t5_1_1_small.gin", method, args.batch_size, lengths, bindings=bindings
+        f"models/t5_1_1_{args.size}.gin", method, args.batch_size, lengths, bindings=bindings
     )
     # Libraries loaded (including TensorFlow, which seqio brings in with the model gin's
     # vocabulary), nothing allocated yet.
@@ -172,8 +189,8 @@ def worker_hf(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     config = T5Config(
-        **SMALL,
-        num_decoder_layers=SMALL["num_layers"],
+        **SHAPES[args.size],
+        num_decoder_layers=SHAPES[args.size]["num_layers"],
         feed_forward_proj="gated-gelu",
         dropout_rate=0.0,
         tie_word_embeddings=False,
@@ -288,6 +305,7 @@ def run_worker(kind: str, args: argparse.Namespace, **overrides) -> dict:
         torch_threads=args.torch_threads,
         peak_size=args.peak_size,
         peak_repeats=args.peak_repeats,
+        size=args.size,
     )
     settings.update(overrides)
     cmd += [f"--{k}={v}" for k, v in settings.items()]
@@ -336,7 +354,11 @@ def main(argv=None) -> int:
         default=0.2,
         help="before each run, wait until at most this fraction of the CPU is busy",
     )
-    parser.add_argument("--wait_timeout", type=float, default=900.0, help="seconds")
+    parser.add_argument(
+        "--wait_timeout", type=float, default=900.0, help="longest wait for an idle CPU, seconds"
+    )
+    parser.add_argument("--size", default="small", choices=sorted(SHAPES), help="model shape")
+    common.add_quick_flag(parser)
     # Worker-only flags.
     parser.add_argument("--worker", choices=["ours", "hf", "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
@@ -344,12 +366,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return _worker_main(args)
+    common.apply_quick(
+        args, size="tiny", batch_size=2, inputs_length=16, targets_length=4, steps=2, rounds=1,
+        peak_size=256, peak_repeats=2, wait_timeout=10.0,
+    )  # fmt: skip
 
     print(
         common.machine_header(("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"))
     )
     print(
-        f"T5.1.1-small shape, batch {args.batch_size}, inputs {args.inputs_length}, targets "
+        f"T5.1.1-{args.size} shape, batch {args.batch_size}, inputs {args.inputs_length}, targets "
         f"{args.targets_length}; {args.steps} timed steps x {args.rounds} runs per row; "
         f"torch threads {args.torch_threads}; JAX on CPU.",
         flush=True,
@@ -370,6 +396,7 @@ def main(argv=None) -> int:
                 runs = runs[::-1]  # Alternate who goes first.
             for kind, variant in runs:
                 busy_before = wait_until_quiet(args.max_busy, args.wait_timeout)
+                common.progress(f"round {r + 1}/{args.rounds}: {method} {kind} {variant}")
                 overrides = dict(method=method)
                 if kind == "ours":
                     overrides["variant"] = variant
@@ -386,6 +413,7 @@ def main(argv=None) -> int:
     peaks = []
     for _ in range(2):
         wait_until_quiet(args.max_busy, args.wait_timeout)
+        common.progress("measuring the matmul peak")
         peaks.append(run_worker("peak", args))
     peak = {k: max(p[k] for p in peaks) for k in ("float32", "bfloat16")}
     # The machine's best matmul rate, whichever dtype reaches it, bounds every step.

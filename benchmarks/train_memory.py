@@ -32,6 +32,7 @@ def report(model_gin: str, method: str, batch_size: int, lengths: dict) -> dict:
     """`Trainer.memory_report()` of `method` (a `common.METHODS` name) on one device."""
     from hyperprompt_jax import partitioning
 
+    common.progress(f"compiling the {method} train step of {model_gin}")
     trainer = common.build_trainer(
         model_gin,
         method,
@@ -49,7 +50,11 @@ def main() -> None:
     parser.add_argument("--inputs_length", type=int, default=512)
     parser.add_argument("--targets_length", type=int, default=16)
     parser.add_argument("--prompt_in_budget", action="store_true")
+    common.add_quick_flag(parser)
     args = parser.parse_args()
+    common.apply_quick(
+        args, model="models/t5_1_1_tiny.gin", batch_size=2, inputs_length=128, targets_length=4
+    )
     b, i, t = args.batch_size, args.inputs_length, args.targets_length
     rows = {
         "model_tuning": report(args.model, "model_tuning", b, {"inputs": i, "targets": t}),

@@ -1,7 +1,7 @@
 """The command-line layer every entry point shares: help, early checks, quiet output.
 
-Each entry point (`train`, `eval`, `infer`, `plan`, `count_params`, `task_registry`,
-the SPoT CLI) starts with
+Each entry point (`train`, `eval`, `infer`, `plan`, `count_params`, `task_registry`)
+starts with
 
     if __name__ == "__main__":
         from hyperprompt_jax import cli
@@ -233,21 +233,6 @@ COMMANDS: dict[str, Command] = {
             ("list [SUBSTRING]", "registered task / mixture names"),
             ("check NAME [--split=S]", "is the TFDS data of a task / mixture prepared?"),
             ("prepare NAME [--data_dir=DIR]", "download and prepare its TFDS data"),
-        ),
-    ),
-    "spot": Command(
-        module="hyperprompt_jax.spot",
-        summary="SPoT: prompts as task embeddings, retrieval and transfer.",
-        usage="SUBCOMMAND [flags]   (SUBCOMMAND --help lists its flags)",
-        example="python -m hyperprompt_jax.spot similarity --library=prompts --output_dir=sim",
-        gin=False,
-        options=(
-            ("export", "a checkpoint's prompt -> LIBRARY/NAME.npy + NAME.json metadata"),
-            ("similarity", "task similarity over a library: CSVs, heatmap, dendrogram"),
-            ("rank", "the library's prompts ordered by similarity to a target prompt"),
-            ("init", "top-k weighted average of the library -> an initial prompt .npy"),
-            ("mixture", "register a seqio mixture of the target plus the top-k sources"),
-            ("best_of_topk", "train a transfer from each top-k prompt, keep the best"),
         ),
     ),
 }
@@ -570,26 +555,34 @@ class GinScan:
             return None
 
     def unset(self, roots: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Settings reachable from `roots` that are `%gin.REQUIRED`, and undefined macros.
+        """Settings still `%gin.REQUIRED`, and macros used from `roots` but never defined.
+
+        gin itself rejects every `%gin.REQUIRED` left anywhere in the configuration
+        (when it is finalized, one at a time), so all of them are reported; undefined
+        macros only matter where the entry point uses them.
 
         Returns:
           `(missing, undefined)`: macro names (or `selector.param` of required
-          parameters) in the order found, and macros referenced but never defined.
+          parameters) in the order defined, and undefined macros in the order found.
         """
-        missing, undefined, seen = [], [], set()
+        required = [("%", "gin.REQUIRED")]
+        missing = [n for n, v in self.macros.items() if list(_references(v.tokens)) == required]
+        missing += [
+            v.name for v in self.bindings.values() if list(_references(v.tokens)) == required
+        ]
+        undefined, seen = [], set()
 
-        def visit(value: _Value, where: str) -> None:
+        def visit(value: _Value) -> None:
             for kind, ref in _references(value.tokens):
                 if kind == "%":
                     if ref == "gin.REQUIRED":
-                        if where not in missing:
-                            missing.append(where)
-                    elif ref not in self.macros:
+                        continue
+                    if ref not in self.macros:
                         if ref not in undefined:
                             undefined.append(ref)
                     elif ("%", ref) not in seen:
                         seen.add(("%", ref))
-                        visit(self.macros[ref], ref)
+                        visit(self.macros[ref])
                 else:
                     scope, _, name = ref.rpartition("/")
                     configurable(scope, self._canonical(name))
@@ -600,12 +593,11 @@ class GinScan:
             seen.add(("@", scope, name))
             for (s, selector, _), value in self.bindings.items():
                 if selector == name and s in ("", scope):
-                    visit(value, value.name)
+                    visit(value)
 
         for root in roots:
             if root.startswith("%"):
-                value = _Value(list(_tokens(root)), root, "root")
-                visit(value, root[1:])
+                visit(_Value(list(_tokens(root)), root, "root"))
             else:
                 configurable("", root)
         return missing, undefined
