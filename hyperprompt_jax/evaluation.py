@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import seqio
-import tensorflow as tf
 
-from hyperprompt_jax import data
+from hyperprompt_jax import data, selection
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import trainer as trainer_lib
 from hyperprompt_jax.errors import UserError
@@ -39,26 +37,9 @@ from hyperprompt_jax.errors import UserError
 logger = logging.getLogger("hyperprompt_jax")
 
 # Metrics where lower is better; `best_score` leaves them out.
-_LOSS_LIKE = re.compile(r"loss|perplexity|error", re.IGNORECASE)
-
-
-def best_score(metrics: Mapping[str, float]) -> float:
-    """A task's score for picking its best checkpoint: the mean of its non-loss metrics.
-
-    Higher is better. Loss-like metrics (names containing loss, perplexity or error)
-    are left out; NaN if no metric is left.
-
-    Args:
-      metrics: `{metric name: value}` of one task's evaluation.
-    """
-    values = [float(v) for k, v in metrics.items() if not _LOSS_LIKE.search(k)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def best_score_name(metrics: Mapping[str, float]) -> str:
-    """How `best_score` reads for `metrics`, e.g. `accuracy` or `mean(accuracy, f1)`."""
-    names = sorted(k for k in metrics if not _LOSS_LIKE.search(k))
-    return names[0] if len(names) == 1 else f"mean({', '.join(names)})"
+# The one best-checkpoint rule (re-exported: training and SPoT use the same).
+best_score = selection.best_score
+best_score_name = selection.best_score_name
 
 
 def _scalar(value: Any) -> float | None:

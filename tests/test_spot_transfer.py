@@ -152,6 +152,10 @@ def test_export_other_layouts_and_bad_checkpoints(tmp_path, capsys):
     ) == 0  # fmt: skip
     np.testing.assert_array_equal(np.load(out), prompt)
     assert json.loads(out.with_suffix(".json").read_text())["step"] == 7
+    # A newer, incomplete checkpoint (an interrupted save) is skipped, not used or deleted.
+    (tmp_path / "plain" / "checkpoint_9").mkdir()
+    assert spot.read_checkpoint_prompt(str(tmp_path / "plain")).step == 7
+    assert (tmp_path / "plain" / "checkpoint_9").is_dir()
     # A checkpoint whose prompt does not fit the model is not left behind.
     assert cli.main(
         ["export", f"--checkpoint={tmp_path / 'plain'}", f"--output={tmp_path / 'no.npy'}",

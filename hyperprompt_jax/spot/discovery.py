@@ -5,9 +5,10 @@ Reads a run's `checkpoint_<step>/` directories without knowing the train-state l
 `prompt/prompts`; only that array is restored), picks a step (`latest`, an int, or
 `best` by validation score), and reads `eval_metrics.jsonl` (`best_eval_score`).
 
-Kept as it was in `spot.py`; the package-wide checkpoint-discovery rule
-(`hyperprompt_jax.checkpoints`) is meant to replace `checkpoint_steps` /
-`resolve_checkpoint` here.
+Checkpoints are found by the package's one rule (`hyperprompt_jax.checkpoints`:
+`checkpoint_<step>/`, damaged or incomplete ones skipped with a warning, never
+deleted); a step's score is the package's one best-checkpoint rule
+(`hyperprompt_jax.selection.best_score`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hyperprompt_jax import selection
 from hyperprompt_jax.errors import UserError
 from hyperprompt_jax.prompt_files import check_prompt
 from hyperprompt_jax.spot.core import unknown_name
 
-CHECKPOINT_PREFIX = "checkpoint_"
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
 BEST_CHECKPOINTS_FILE = "best_checkpoints.json"
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_sharding")
@@ -39,15 +40,31 @@ _OPTIMIZER_KEYS = ("opt_state", "optimizer", "param_states", "state_dict")
 
 
 def checkpoint_steps(model_dir: str) -> list[int]:
-    """Steps of the `checkpoint_<step>/` directories in `model_dir`, ascending."""
+    """Steps of the intact `checkpoint_<step>/` directories in `model_dir`, ascending.
+
+    Damaged or incomplete ones (see `checkpoints.discovery.damage`) are left out with
+    a warning naming them; nothing is deleted. A step directory that is an orbax PyTree
+    of another layout (not this package's or t5x's) is kept: SPoT reads any layout.
+    """
+    from hyperprompt_jax.checkpoints import discovery as ckpt
+
     if not os.path.isdir(model_dir):
         return []
-    steps = []
-    for d in os.listdir(model_dir):
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", d)
-        if m and os.path.isdir(os.path.join(model_dir, d)):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    steps, skipped = [], []
+    for step, path in ckpt.step_dirs(model_dir):
+        reason = ckpt.damage(path)
+        if reason is None or (ckpt.kind(path) is None and _pytree_dirs(path)):
+            steps.append(step)
+        else:
+            skipped.append((path, reason))
+    ckpt.warn_skipped(skipped, _step_path(model_dir, steps[-1]) if steps else None)
+    return steps
+
+
+def _step_path(model_dir: str, step: int) -> str:
+    from hyperprompt_jax.checkpoints import discovery as ckpt
+
+    return os.path.join(model_dir, ckpt.step_dir_name(step))
 
 
 def _is_pytree_dir(path: str) -> bool:
@@ -92,13 +109,15 @@ def resolve_checkpoint(
         raise UserError(f"Checkpoint path {path!r} is not a directory.")
     steps = checkpoint_steps(path)
     if not steps:
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", os.path.basename(os.path.normpath(path)))
-        if step not in (None, "latest") and not (m and str(step) == m.group(1)):
+        from hyperprompt_jax.checkpoints import discovery as ckpt
+
+        own = ckpt.parse_step(os.path.normpath(path))
+        if step not in (None, "latest") and str(step) != str(own):
             raise UserError(
-                f"{path!r} is a single checkpoint (no {CHECKPOINT_PREFIX}<step>/ inside); "
-                f"--step={step} needs the model directory."
+                f"{path!r} is a single checkpoint (no {ckpt.STEP_PREFIX}_<step>/ "
+                f"inside); --step={step} needs the model directory."
             )
-        return path, int(m.group(1)) if m else None
+        return path, own
     if step in (None, "latest"):
         chosen = steps[-1]
     elif step == "best":
@@ -120,7 +139,7 @@ def resolve_checkpoint(
             raise UserError(f"--step must be an int, 'latest' or 'best', got {step!r}.") from None
         if chosen not in steps:
             raise UserError(f"No checkpoint at step {chosen} in {path!r}; available: {steps}.")
-    return os.path.join(path, f"{CHECKPOINT_PREFIX}{chosen}"), chosen
+    return _step_path(path, chosen), chosen
 
 
 def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
@@ -312,9 +331,6 @@ def _restore_leaf(checkpointer: Any, item_dir: str, tree: Any, path: Sequence[st
 
 # -- Validation scores ---------------------------------------------------------------------
 
-_LOSS_LIKE = re.compile(r"loss|perplexity|error", re.IGNORECASE)
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalScore:
     """A run's validation scores: the best, and the evaluated steps best-first.
@@ -394,7 +410,7 @@ def best_eval_score(
         if metric is not None:
             values = {metric: numeric[metric]} if metric in numeric else {}
         else:
-            values = {k: v for k, v in numeric.items() if not _LOSS_LIKE.search(k)}
+            values = {k: v for k, v in numeric.items() if selection.is_score_metric(k)}
         values = {k: v for k, v in values.items() if math.isfinite(v)}
         if values:
             used.update(values)
