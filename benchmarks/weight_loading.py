@@ -13,11 +13,16 @@
      NumPy (`load_t5x_checkpoint`), a complete random train state built first
      (`Trainer.init_state`), then overwritten with the loaded arrays and a new
      optimizer state.
-   Columns: peak RSS of the process above its RSS before loading, the final state's
-   bytes (on CPU the devices' memory is host memory), their ratio, bytes read from the
-   checkpoint by the process, and the bytes each device holds at the end.
+   Columns: peak RSS of the process above its RSS before loading, the bytes all devices
+   hold at the end (the sharded state, replicas included; on CPU the devices' memory is
+   host memory), their ratio, bytes read from the checkpoint by the process, and the
+   bytes the fullest device holds at the end.
 3. Two processes x two devices (`jax.distributed`, gloo): each process loads the same
    checkpoint on a `data 1 x model 4` mesh and reports the bytes it read.
+4. With `--prompt_run`: prompt tuning of that T5.1.1-base with the launcher (byte
+   vocabulary, the synthetic mixture, 4 steps, a checkpoint every 2), trainable-only
+   checkpoints (the default) and self-contained ones: bytes of one checkpoint and of
+   the whole `MODEL_DIR`.
 """
 
 from __future__ import annotations
@@ -89,17 +94,21 @@ def load(path: str, mode: str, method: str, model: int) -> dict:
     jax.block_until_ready(state)
     peak = common.peak_rss_bytes() - base_rss
     leaves = jax.tree.leaves(state)
-    final = sum(int(x.nbytes) for x in leaves)
     per_device: dict = {}
     for x in leaves:
         for shard in x.addressable_shards:
             per_device[str(shard.device)] = per_device.get(str(shard.device), 0) + shard.data.nbytes
+    # What the devices hold (replicas over `data` count once per device): on CPU this is
+    # host memory, the floor of the process's RSS growth.
+    final = sum(per_device.values())
+    stats = jax.devices()[0].memory_stats() or {}
     return {
         "mode": mode,
         "peak_rss_above_start": peak,
         "final_state_bytes": final,
         "bytes_read": bytes_read,
         "max_device_bytes": max(per_device.values()),
+        "device0_peak_bytes": stats.get("peak_bytes_in_use"),
         "checkpoint_bytes": sum(
             os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(source_dir) for f in fs
         ),
@@ -125,6 +134,42 @@ def multihost_worker(path: str, process: int, port: int) -> dict:
     return {"process": process, "bytes_read": source.bytes_read, "checkpoint_param_bytes": total}
 
 
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def prompt_runs(workdir: str, ckpt: str) -> None:
+    gin_file = os.path.join(workdir, "bytes.gin")
+    with open(gin_file, "w") as f:
+        f.write("from __gin__ import dynamic_registration\nimport seqio\n"
+                "VOCABULARY = @seqio.ByteVocabulary()\n")  # fmt: skip
+    rows = []
+    backbone = _du(ckpt)
+    for name, extra in (("trainable-only (default)", []),
+                        ("self-contained", ["--gin.train.self_contained_checkpoints=True"])):  # fmt: skip
+        model_dir = os.path.join(workdir, "pt_" + name.split()[0])
+        cmd = [
+            sys.executable, "-m", "hyperprompt_jax.train", "--gin_file=runs/finetune.gin",
+            "--gin_file=models/t5_1_1_base.gin", "--gin_file=methods/prompt_tuning.gin",
+            f"--gin_file={gin_file}", f"--gin.MODEL_DIR={model_dir!r}",
+            "--gin.MIXTURE_OR_TASK_NAME='hp_synthetic_multitask'",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}", "--gin.TRAIN_STEPS=4",
+            "--gin.SAVE_PERIOD=2", "--gin.BATCH_SIZE=2", "--gin.LOG_PERIOD=1",
+            "--gin.train.eval_dataset_cfg=None", f"--gin.INITIAL_CHECKPOINT_PATH={ckpt!r}",
+            *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                              capture_output=True, text=True, timeout=7200)  # fmt: skip
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        one = _du(os.path.join(model_dir, "checkpoint_4"))
+        rows.append([name, f"{one:,}", f"{one / backbone:.4%}", f"{_du(model_dir):,}"])
+    print(f"\nPrompt tuning T5.1.1-base (backbone checkpoint {backbone:,} bytes), "
+          "4 steps, SAVE_PERIOD=2, KEEP=3:\n")  # fmt: skip
+    print(common.markdown_table(
+        ["checkpoints", "one checkpoint (bytes)", "of the backbone", "MODEL_DIR (bytes)"], rows))
+
+
 def _child(args: list[str], env_extra: dict) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
     proc = subprocess.run(
@@ -145,8 +190,14 @@ def main() -> None:
     parser.add_argument("--mode", default="after")
     parser.add_argument("--process", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--prompt_run", action="store_true", help="only section 4")
     args = parser.parse_args()
     ckpt = os.path.join(args.workdir, "t5_1_1_base")
+    if args.prompt_run:
+        if not os.path.isdir(ckpt):
+            _child(["--child=write", f"--workdir={args.workdir}"], {})
+        prompt_runs(args.workdir, ckpt)
+        return
     if args.child == "write":
         write(ckpt)
         print("RESULT {}")
@@ -178,7 +229,7 @@ def main() -> None:
           f"({r['checkpoint_bytes'] / common.GIB:.2f} GiB on disk), data 2 x model 4 "
           "on 8 fake CPU devices:\n")  # fmt: skip
     print(common.markdown_table(
-        ["path", "peak RSS above start (GiB)", "final state (GiB)", "peak / state",
+        ["path", "peak RSS above start (GiB)", "sharded state on devices (GiB)", "peak / state",
          "bytes read (GiB)", "max per device (MiB)"], rows))  # fmt: skip
 
     import socket
