@@ -236,25 +236,28 @@ def load_params(trainer: trainer_lib.Trainer, path: str) -> tuple[int, Any]:
     ref = meta.get("backbone")
     if ref is None:
         return step, checkpoints.restore_params(directory, trainer.layout.param_shardings)
-    # Trainable-only: the trained parameters from the checkpoint, the frozen ones from
-    # the backbone it references (verified against its fingerprint).
+    # Trainable-only: the trained parameters from the checkpoint (whatever this run's
+    # TRAINABLE_PATTERNS), every other one from the backbone it references (verified).
     own = checkpoints.orbax_source.OrbaxSource(
         os.path.join(directory, checkpoints.discovery.TRAIN_ITEM),
         roots=("trainable",),
         description=f"train checkpoint {directory}",
     )
     abstract = trainer.abstract_params()
-    trainable = checkpoints.flatten_params(trainer.layout.abstract.trainable)
-    if set(own.tensors) != set(trainable) or any(
-        own.tensors[n].shape != trainable[n].shape for n in trainable
-    ):
+    wrong = sorted(
+        n for n in own.tensors if n not in abstract or own.tensors[n].shape != abstract[n].shape
+    )
+    if wrong:
         raise UserError(
-            f"Checkpoint {directory} does not fit the model's trainable parameters (another "
-            "model, method or TRAINABLE_PATTERNS?); use the gin files of the run that wrote it."
+            f"Checkpoint {directory} does not fit the model (parameters {wrong[:3]} differ); "
+            "use the model and method gin files of the run that wrote it."
         )
-    flat = own.load({n: (abstract[n].sharding, abstract[n].dtype) for n in trainable})
+    flat = own.load({n: (abstract[n].sharding, abstract[n].dtype) for n in own.tensors})
     frozen = checkpoints.train_state.frozen_from_ref(
-        trainer, checkpoints.BackboneRef.from_json(ref), os.path.dirname(directory)
+        trainer,
+        checkpoints.BackboneRef.from_json(ref),
+        os.path.dirname(directory),
+        names=sorted(set(abstract) - set(flat)),
     )
     flat.update(checkpoints.flatten_params(frozen))
     return step, checkpoints.unflatten_params(flat)

@@ -36,7 +36,6 @@ from flax import traverse_util
 from hyperprompt_jax import checkpoints as checkpoints_lib
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import trainable as trainable_lib
-from hyperprompt_jax.errors import UserError
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -342,30 +341,6 @@ class Trainer:
             checkpoint has parameters the model lacks (all listed).
         """
         return self.state_from_params(self.params_from_source(loaded, source))
-
-    def frozen_from_source(self, loaded: Any, source: str) -> PyTree:
-        """Only the frozen parameters, read from `loaded` into their shardings (resume of
-        a trainable-only checkpoint)."""
-        if not isinstance(loaded, checkpoints_lib.WeightSource):
-            loaded = checkpoints_lib.array_source(loaded, source)
-        abstract = checkpoints_lib.flatten_params(self.layout.abstract.frozen)
-        missing = sorted(set(abstract) - set(loaded.tensors))
-        wrong = sorted(
-            n for n in abstract if n in loaded.tensors and tuple(loaded.tensors[n].shape) != abstract[n].shape
-        )
-        if missing or wrong:
-            raise UserError(
-                f"The backbone {source} does not fit the model's frozen parameters: "
-                f"missing {missing[:5]}, wrong shapes {wrong[:5]}."
-            )
-        from_file = [n for n in abstract if n in loaded.tensors]
-        flat = loaded.load({n: (abstract[n].sharding, abstract[n].dtype) for n in from_file})
-        return checkpoints_lib.unflatten_params(flat)
-
-    def frozen_fresh(self) -> PyTree:
-        """The frozen parameters, initialised from the seed (a backbone without file)."""
-        names = checkpoints_lib.flatten_params(self.layout.abstract.frozen)
-        return checkpoints_lib.unflatten_params(self.fresh_params(list(names)))
 
     # ----------------------------------------------------------------------------------
     # Steps

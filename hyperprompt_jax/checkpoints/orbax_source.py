@@ -23,16 +23,18 @@ from hyperprompt_jax.errors import UserError
 
 def _metadata_tree(item_dir: str) -> Mapping[str, Any]:
     import orbax.checkpoint as ocp
+    from etils import epath
 
     try:
-        metadata = ocp.PyTreeCheckpointer().metadata(item_dir)
+        # The item's handler directly: no step-level metadata lookup (and no warning
+        # about its absence inside an item directory).
+        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
     except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged metadata
         raise UserError(
             f"Cannot read the orbax metadata of {item_dir}: {type(e).__name__}: {e}. The "
             "checkpoint is damaged or incomplete."
         ) from None
-    tree = getattr(metadata, "item_metadata", metadata)
-    return getattr(tree, "tree", tree)
+    return getattr(metadata, "tree", metadata)
 
 
 def _flatten(tree: Any, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:

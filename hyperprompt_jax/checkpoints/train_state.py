@@ -35,7 +35,7 @@ from hyperprompt_jax.checkpoints import discovery, paths
 from hyperprompt_jax.checkpoints import backbone as backbone_lib
 from hyperprompt_jax.checkpoints.backbone import BackboneRef, read_step_metadata
 from hyperprompt_jax.checkpoints.sources import array_source
-from hyperprompt_jax.checkpoints.trees import flatten_params
+from hyperprompt_jax.checkpoints.trees import flatten_params, unflatten_params
 from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
@@ -280,7 +280,6 @@ def restore_params(checkpoint_dir: str, param_shardings: PyTree) -> PyTree:
       UserError: if the checkpoint lacks a model parameter or has one the model lacks.
     """
     from hyperprompt_jax.checkpoints.backbone import open_train_checkpoint
-    from hyperprompt_jax.checkpoints.trees import unflatten_params
 
     source = open_train_checkpoint(checkpoint_dir)
     shardings = flatten_params(param_shardings)
@@ -395,23 +394,30 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def frozen_from_ref(trainer, ref, model_dir):
-    """The frozen parameters a trainable-only checkpoint references, verified."""
+def frozen_from_ref(trainer, ref, model_dir, names=None):
+    """The frozen parameters a trainable-only checkpoint references, verified against
+    the reference's fingerprint and read straight into their shardings.
 
-    frozen_names = sorted(flatten_params(trainer.layout.abstract.frozen))
+    Args:
+      trainer: provides the abstract parameters (shapes, dtypes, shardings).
+      ref: the checkpoint's `BackboneRef`.
+      model_dir: for messages.
+      names: the frozen parameters' names (default: the trainer's frozen tree).
+
+    Returns:
+      Nested dict of the frozen parameters.
+
+    Raises:
+      UserError: (one line) the backbone is gone, or differs from the fingerprint.
+    """
+    frozen_names = sorted(names if names is not None else flatten_params(trainer.layout.abstract.frozen))
+    abstract = trainer.abstract_params()
     where = f"MODEL_DIR {model_dir}"
     if ref.path is None:
-        frozen = trainer.frozen_fresh()
-        source = array_source(
-            _host_small(flatten_params(frozen), frozen_names), "initialised backbone"
-        )
-        abstract = trainer.abstract_params()
+        flat = trainer.fresh_params(frozen_names)
         shapes = {n: (tuple(abstract[n].shape), abstract[n].dtype) for n in frozen_names}
         digest = backbone_lib.names_hash(shapes)
-        content = backbone_lib.content_of(
-            {n: source.tensors[n].read(tuple(slice(0, d) for d in source.tensors[n].shape))
-             for n in source.tensors}
-        )
+        content = backbone_lib.content_of(_host_small(flat, frozen_names))
         if digest != ref.names_hash or {k: tuple(v) for k, v in content.items()} != {
             k: tuple(v) for k, v in ref.content.items()
         }:
@@ -420,7 +426,7 @@ def frozen_from_ref(trainer, ref, model_dir):
                 "this model's initialisation differs from it (another model gin, seed or "
                 "library version); use the original settings, or start a new MODEL_DIR."
             )
-        return frozen
+        return unflatten_params(flat)
     try:
         _, _, source = backbone_lib.open_weights(ref.path, what="backbone")
     except UserError as e:
@@ -428,17 +434,21 @@ def frozen_from_ref(trainer, ref, model_dir):
             f"{where} holds trainable-only checkpoints whose backbone {ref.path} cannot be "
             f"loaded ({e}); restore it there, or start a new MODEL_DIR."
         ) from None
-    abstract = trainer.abstract_params()
-    missing = [n for n in frozen_names if n not in source.tensors]
-    if missing:
+    bad = [
+        n for n in frozen_names
+        if n not in source.tensors or tuple(source.tensors[n].shape) != tuple(abstract[n].shape)
+    ]  # fmt: skip
+    if bad:
         raise UserError(
             f"{where} was trained on the backbone {ref.path}, which has changed since (it "
-            f"lacks {missing[:3]}); restore the original backbone files, or start a new MODEL_DIR."
+            f"lacks {bad[:3]} or their shapes differ); restore the original backbone files, "
+            "or start a new MODEL_DIR."
         )
     backbone_lib.check_backbone(
         ref, source, frozen_names, {n: abstract[n].dtype for n in frozen_names}, where
     )
-    return trainer.frozen_from_source(source, ref.path)
+    flat = source.load({n: (abstract[n].sharding, abstract[n].dtype) for n in frozen_names})
+    return unflatten_params(flat)
 
 
 def check_fits(trainer, step_dir: str, trainable_only: bool) -> None:
