@@ -59,9 +59,10 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from hyperprompt_jax import gin_utils
+from hyperprompt_jax import errors, gin_utils
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import trainer as trainer_lib
+from hyperprompt_jax.errors import UserError
 
 PyTree = Any
 GIB = 2**30
@@ -97,13 +98,13 @@ def tpu_slice(name: str) -> tuple[int, float]:
     """
     generation, _, cores = name.lower().rpartition("-")
     if generation not in TPU_DEVICES or not cores.isdigit() or int(cores) <= 0:
-        raise ValueError(
+        raise UserError(
             f"Unknown TPU slice {name!r}; expected <generation>-<cores> with generation in "
             f"{sorted(TPU_DEVICES)}, e.g. v3-256 or v4-128."
         )
     cores_per_device, memory = TPU_DEVICES[generation]
     if int(cores) % cores_per_device:
-        raise ValueError(f"{name}: a {generation} slice has an even number of cores.")
+        raise UserError(f"{name}: a {generation} slice has an even number of cores.")
     return int(cores) // cores_per_device, memory
 
 
@@ -118,10 +119,10 @@ def parse_mesh(spec: str) -> tuple[int, int]:
     for part in spec.split(","):
         name, _, size = part.partition(":")
         if name.strip() not in ("data", "model") or not size.strip().isdigit():
-            raise ValueError(f"Bad --mesh {spec!r}; expected e.g. data:16,model:16.")
+            raise UserError(f"Bad --mesh {spec!r}; expected e.g. data:16,model:16.")
         sizes[name.strip()] = int(size)
     if set(sizes) != {"data", "model"} or min(sizes.values()) <= 0:
-        raise ValueError(f"Bad --mesh {spec!r}; give positive sizes for both data and model.")
+        raise UserError(f"Bad --mesh {spec!r}; give positive sizes for both data and model.")
     return sizes["data"], sizes["model"]
 
 
@@ -408,7 +409,7 @@ def activation_bytes(
             encoder_layer = saved(s)
             decoder_layer = saved(t) + t * h * k + 2 * s * h * k + t * d
         else:
-            raise ValueError(f"Unknown remat_policy {remat_policy!r}.")
+            raise UserError(f"Unknown remat_policy {remat_policy!r}.")
     else:
         recompute = 0
     encoder = num_encoder_layers * encoder_layer * a
@@ -773,11 +774,22 @@ def _parse_lengths(spec: str) -> dict:
     for part in spec.split(","):
         name, _, value = part.partition(":")
         if not name.strip() or not value.strip().isdigit():
-            raise ValueError(
+            raise UserError(
                 f"Bad --task_feature_lengths {spec!r}; expected e.g. inputs:512,targets:8."
             )
         out[name.strip()] = int(value)
     return out
+
+
+def _flag_number(flags: Mapping[str, str], name: str, kind: type = int, default: Any = None):
+    """`--name`'s value as `kind` (`default` if absent); a UserError if it is not one."""
+    if name not in flags:
+        return default
+    try:
+        return kind(flags[name])
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"--{name} must be {what}, got {flags[name]!r}.") from None
 
 
 def resolve_settings(flags: Mapping[str, str]) -> dict:
@@ -803,48 +815,48 @@ def resolve_settings(flags: Mapping[str, str]) -> dict:
                 "--mesh model=%d overrides the gin's NUM_PARTITIONS=%d.", model, num_partitions
             )
         if "tpu" in flags and data * model != num_devices:
-            raise ValueError(
+            raise UserError(
                 f"--mesh has {data * model} devices but {flags['tpu']} has {num_devices}."
             )
     else:
         if "num_devices" in flags:
-            num_devices = int(flags["num_devices"])
+            num_devices = _flag_number(flags, "num_devices")
         elif "tpu" not in flags:
-            raise ValueError(
+            raise UserError(
                 "Give the mesh: --mesh=data:D,model:M, --num_devices=N or --tpu=v3-256."
             )
         model = int(num_partitions or 1)
         if num_devices % model:
-            raise ValueError(
+            raise UserError(
                 f"NUM_PARTITIONS={model} does not divide the number of devices ({num_devices})."
             )
         data = num_devices // model
     if "device_memory_gb" in flags:
-        memory = float(flags["device_memory_gb"])
+        memory = _flag_number(flags, "device_memory_gb", float)
     per_host = None
     if "tpu" in flags:
         per_host = TPU_DEVICES_PER_HOST.get(flags["tpu"].split("-")[0])
     if "devices_per_host" in flags:
-        per_host = int(flags["devices_per_host"])
-    host_memory = float(flags["host_memory_gb"]) if "host_memory_gb" in flags else None
-    batch = int(flags["batch_size"]) if "batch_size" in flags else _gin_batch_size()
+        per_host = _flag_number(flags, "devices_per_host", int)
+    host_memory = _flag_number(flags, "host_memory_gb", float, None)
+    batch = _flag_number(flags, "batch_size", int, _gin_batch_size())
     if batch is None:
-        raise ValueError("Set the global batch: --batch_size=N or --gin.BATCH_SIZE=N.")
+        raise UserError("Set the global batch: --batch_size=N or --gin.BATCH_SIZE=N.")
     if batch % data:
-        raise ValueError(f"The batch ({batch}) must divide over data={data}.")
+        raise UserError(f"The batch ({batch}) must divide over data={data}.")
     lengths = (
         _parse_lengths(flags["task_feature_lengths"])
         if "task_feature_lengths" in flags
         else _gin_lengths()
     )
     if not lengths:
-        raise ValueError(
+        raise UserError(
             "Set the feature lengths: --task_feature_lengths=inputs:512,targets:8 or "
             "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 512, 'targets': 8}\"."
         )
-    headroom = float(flags.get("headroom", 0.1))
+    headroom = _flag_number(flags, "headroom", float, 0.1)
     if not 0.0 <= headroom < 1.0:
-        raise ValueError(f"--headroom must be in [0, 1), got {headroom}.")
+        raise UserError(f"--headroom must be in [0, 1), got {headroom}.")
     return dict(
         data=data,
         model=model,
@@ -914,7 +926,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flags, rest = _split_flags(argv)
         files, bindings, paths = gin_utils.flags_to_gin(rest)
         if not files:
-            raise ValueError(
+            raise UserError(
                 "usage: python -m hyperprompt_jax.plan --gin_file=models/... "
                 "--gin_file=methods/... [--gin_file=partitioning/...] --tpu=v3-256 | "
                 "--mesh=data:D,model:M [--device_memory_gb=G] [--batch_size=B] "
@@ -923,15 +935,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "layers" in flags:
             bindings = [
                 *bindings,
-                f"config.T5Config.num_encoder_layers={int(flags['layers'])}",
-                f"config.T5Config.num_decoder_layers={int(flags['layers'])}",
+                f"config.T5Config.num_encoder_layers={_flag_number(flags, 'layers')}",
+                f"config.T5Config.num_decoder_layers={_flag_number(flags, 'layers')}",
             ]
         parse_run_gin(files, bindings, paths)
         s = resolve_settings(flags)
         if "compiled_json" in flags:
             devices = jax.devices()
             if len(devices) < s["data"] * s["model"]:
-                raise ValueError(f"Only {len(devices)} devices for the mesh.")
+                raise UserError(f"Only {len(devices)} devices for the mesh.")
             partitioner = partitioning_lib.Partitioner(
                 s["model"], s["rules"], devices=devices[: s["data"] * s["model"]]
             )
@@ -954,15 +966,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if flags["verify"] == "depth":
                 cfg = trainer.model.module.config
                 if cfg.num_encoder_layers != cfg.num_decoder_layers:
-                    raise ValueError("--verify=depth needs equal encoder and decoder depths.")
+                    raise UserError("--verify=depth needs equal encoder and decoder depths.")
                 plan.compiled = verify_by_depth(child, devices, cfg.num_encoder_layers)
             elif flags["verify"] == "true":
                 plan.compiled = _verify(child, devices)
             else:
-                raise ValueError(f"--verify takes no value or 'depth', got {flags['verify']!r}.")
+                raise UserError(f"--verify takes no value or 'depth', got {flags['verify']!r}.")
         print(plan.format())
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UserError as error:  # Bugs (any other exception) keep their traceback.
+        print(f"error: {errors.message(error)}", file=sys.stderr)
         return 1
     return 2 if plan.fits is False else 0
 

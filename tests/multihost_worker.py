@@ -15,6 +15,8 @@ Environment (everything else, flags and `JAX_*` variables, goes to the launcher)
   HP_TEST_PAUSE_AT_STEP: N; before applying update N+1 the process writes
     `<prefix>.<p>.paused` and sleeps until it is killed. This puts the test's SIGKILL
     deterministically mid-run, after the checkpoints the test waits for.
+  HP_TEST_STEP_SECONDS: sleep this long before every step (a slow run that a test can
+    send SIGTERM to mid-run).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def row_hashes(batch: Mapping[str, jax.Array]) -> dict[int, str]:
     return out
 
 
-def install_recorder(prefix: str, pause_at: int | None) -> None:
+def install_recorder(prefix: str, pause_at: int | None, step_seconds: float = 0.0) -> None:
     """Wraps `Trainer.train_step` to log row hashes (and pause at `pause_at`)."""
     original = trainer_lib.Trainer.train_step
 
@@ -64,6 +66,7 @@ def install_recorder(prefix: str, pause_at: int | None) -> None:
                 f.write(str(step))
             while True:  # Until the test kills this process.
                 time.sleep(1)
+        time.sleep(step_seconds)
         record = {"step": step, "rows": {str(k): v for k, v in row_hashes(batch).items()}}
         with open(path + ".jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -76,7 +79,8 @@ def main() -> int:
     prefix = os.environ.get("HP_TEST_BATCH_LOG")
     pause = os.environ.get("HP_TEST_PAUSE_AT_STEP")
     if prefix:
-        install_recorder(prefix, int(pause) if pause else None)
+        seconds = float(os.environ.get("HP_TEST_STEP_SECONDS", "0"))
+        install_recorder(prefix, int(pause) if pause else None, seconds)
     return train.main(sys.argv[1:])
 
 

@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-from hyperprompt_jax import count_params, errors, launch, train
+from hyperprompt_jax import count_params, errors, launch, plan, train
 from hyperprompt_jax import eval as eval_entry
 from hyperprompt_jax import infer as infer_entry
 from hyperprompt_jax import model_dir as model_dir_lib
@@ -109,7 +109,8 @@ def eval_args(model_dir, *extra):
 
 
 # (id, entry, argv(model_dir, files), expected substring, heavy work forbidden)
-T, E, INF, C = train.main, eval_entry.main, infer_entry.main, count_params.main
+T, E, INF, C, P = train.main, eval_entry.main, infer_entry.main, count_params.main, plan.main
+PLAN = ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=methods/prompt_tuning.gin"]
 CASES = [
     # -- flags and gin --------------------------------------------------------------
     ("no_gin_file", T, lambda m, f: [], "No --gin_file given", True),
@@ -158,6 +159,9 @@ CASES = [
     ("count_params_misspelt_macro", C, lambda m, f: ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=methods/prompt_tuning.gin", "--gin.PROMPT_LENGHT=20"], "Did you mean PROMPT_LENGTH", False),
     ("count_params_unknown_gin_file", C, lambda m, f: ["--gin_file=models/t5_1_1_tny.gin"], "'models/t5_1_1_tny.gin' not found", False),
     ("count_params_no_gin_file", C, lambda m, f: [], "usage: python -m hyperprompt_jax.count_params", False),
+    # -- plan --------------------------------------------------------------------------
+    ("plan_batch_size_not_int", P, lambda m, f: [*PLAN, "--mesh=data:1,model:1", "--batch_size=x"], "--batch_size must be an integer, got 'x'", False),
+    ("plan_bad_mesh", P, lambda m, f: [*PLAN, "--mesh=data:1,modle:1", "--batch_size=8"], "Bad --mesh 'data:1,modle:1'", False),
 ]  # fmt: skip
 
 

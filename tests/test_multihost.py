@@ -240,11 +240,43 @@ def test_killed_processes_resume_from_the_checkpoint(runs):
     assert max(runs["checkpoints_at_kill"]) == RESUME_FROM
     for log in runs["resumed_logs"]:
         assert f"Resuming from {runs['two_dir']}/checkpoint_{RESUME_FROM}." in log
-    # Update 7 ran before the kill and, from checkpoint_6, again after the restart.
+    # Update 7 ran before the kill and, from checkpoint_6, again after the restart; the
+    # records after checkpoint_6 were dropped on resume, so every step is logged once.
+    # (the row log keys an update by the state's step before it: update 7 is step 6).
+    assert len(rows_by_step(runs["work"], "two", 0)[PAUSE_AT - 1]) == 2
     two = losses(runs["two_dir"])
-    assert len(two[PAUSE_AT]) == 2 and two[PAUSE_AT][0] == two[PAUSE_AT][1]
-    assert all(len(two[s]) == 1 for s in range(1, STEPS + 1) if s != PAUSE_AT)
+    assert all(len(two[s]) == 1 for s in range(1, STEPS + 1))
     assert complete_checkpoints(runs["two_dir"])[-1] == STEPS
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_all(tmp_path):
+    """A preemption notice on one host: every host saves the same step and stops."""
+    work = str(tmp_path)
+    group = Group(work, "term", "term", 2, 2, HP_TEST_STEP_SECONDS="0.5")
+    try:
+        rows = os.path.join(work, "term.rows.1.jsonl")
+        deadline = time.time() + WAIT
+        while not (os.path.exists(rows) and len(read_jsonl(rows)) >= 2):
+            exited = [p.returncode for p in group.procs if p.poll() is not None]
+            if exited or time.time() > deadline:
+                pytest.fail(group.failure(f"no training steps: {exited}"))
+            time.sleep(0.05)
+        group.procs[1].send_signal(signal.SIGTERM)  # Only process 1 is told.
+        for proc in group.procs:
+            proc.wait(timeout=WAIT)
+        codes = [p.returncode for p in group.procs]
+        assert codes == [143, 143], group.failure(f"exit codes {codes}")
+        stopped = []
+        for log in group.logs:
+            with open(log) as f:
+                stopped += [line for line in f if line.startswith("stopped:")]
+        assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
+        step = int(stopped[0].split(" at step ")[1].split("/")[0])
+        assert 2 <= step < STEPS
+        assert complete_checkpoints(group.model_dir)[-1] == step
+        assert sorted(losses(group.model_dir)) == list(range(1, step + 1))
+    finally:
+        group.kill()
 
 
 def test_every_global_example_is_seen_once_per_step(runs):
