@@ -387,6 +387,8 @@ def restore_params(checkpoint_dir: str, param_shardings: PyTree) -> PyTree:
     """
     import flax
 
+    if "://" not in checkpoint_dir:  # orbax reads no metadata through a relative path
+        checkpoint_dir = os.path.abspath(checkpoint_dir)
     item_dir = os.path.join(checkpoint_dir, "default")
     metadata = ocp.PyTreeCheckpointer().metadata(item_dir)
     tree = getattr(metadata, "item_metadata", metadata)
