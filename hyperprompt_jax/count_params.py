@@ -106,16 +106,24 @@ def format_table(rows: Dict[str, Tuple[int, int]], train: int, total: int) -> st
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    files, bindings, paths = gin_utils.flags_to_gin(argv)
-    if not files:
-        raise SystemExit(
-            "usage: python -m hyperprompt_jax.count_params --gin_file=models/... "
-            "--gin_file=methods/... [--gin.NAME=VALUE ...]"
-        )
-    train, total, rows = count_params(files, bindings, paths)
+def main(argv: Sequence[str]) -> int:
+    """Prints the table; a user mistake prints one `error:` line and returns 1."""
+    from hyperprompt_jax import cli
+
+    try:
+        files, bindings, paths = gin_utils.flags_to_gin(argv)
+        if not files:
+            raise ValueError(
+                "no --gin_file given; e.g. --gin_file=models/t5_1_1_base.gin "
+                "--gin_file=methods/prompt_tuning.gin (see --help)"
+            )
+        train, total, rows = count_params(files, bindings, paths)
+    except ValueError as error:
+        print(cli.error_line(error), file=sys.stderr)
+        return 1
     print(format_table(rows, train, total))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
