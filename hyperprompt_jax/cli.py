@@ -375,7 +375,11 @@ def check_gin_flags(command: Command, argv: Sequence[str]) -> None:
     if problems:
         raise UserError(" ".join(problems))
     if not files:
-        return  # The entry point says which file to give.
+        raise UserError(f"no --gin_file given; e.g. {command.example} (see --help).")
+    try:
+        gin_utils.check_files_exist(files, paths)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     try:
         scan = GinScan(gin_utils.search_paths(paths))
         for f in files:

@@ -77,13 +77,7 @@ def parse_gin(
     paths = search_paths(extra_search_paths)
     for p in paths:
         gin.add_config_file_search_path(p)
-    for f in gin_files:
-        if not os.path.isabs(f) and not any(os.path.exists(os.path.join(p, f)) for p in paths):
-            close = difflib.get_close_matches(f, _available_gin_files(), n=5, cutoff=0.4)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise UserError(f"gin file {f!r} not found in {paths}.{hint}")
-        if os.path.isabs(f) and not os.path.exists(f):
-            raise UserError(f"gin file {f!r} does not exist.")
+    check_files_exist(gin_files, extra_search_paths)
     root_logger = logging.getLogger()
     root_logger.addFilter(_quiet_search_misses)
     try:
@@ -96,6 +90,18 @@ def parse_gin(
         raise UserError(f"Invalid gin configuration: {e}") from e
     finally:
         root_logger.removeFilter(_quiet_search_misses)
+
+
+def check_files_exist(gin_files: Sequence[str], extra_search_paths: Iterable[str] = ()) -> None:
+    """Raises `UserError` for a gin file found in no search path (close names suggested)."""
+    paths = search_paths(extra_search_paths)
+    for f in gin_files:
+        if not os.path.isabs(f) and not any(os.path.exists(os.path.join(p, f)) for p in paths):
+            close = difflib.get_close_matches(f, _available_gin_files(), n=5, cutoff=0.4)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise UserError(f"gin file {f!r} not found in {paths}.{hint}")
+        if os.path.isabs(f) and not os.path.exists(f):
+            raise UserError(f"gin file {f!r} does not exist.")
 
 
 def _unparsable(bindings: Sequence[str], error: Exception) -> str:

@@ -86,6 +86,19 @@ def test_unquoted_string_names_the_flag_and_the_quoting(tmp_path):
     assert "--gin.MODEL_DIR=/tmp/x" in line and "--gin.MODEL_DIR=\"'/tmp/x'\"" in line
 
 
+@pytest.mark.parametrize("entry", ["train", "eval", "infer", "plan", "count_params"])
+def test_no_or_unknown_gin_file_is_one_line_before_heavy_imports(entry, tmp_path):
+    result = _run(entry, cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = _error_lines(result)
+    assert line.startswith("error: no --gin_file given; e.g. python -m hyperprompt_jax.")
+    result = _run(entry, "--gin_file=quickstrat.gin", cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = _error_lines(result)
+    assert "'quickstrat.gin' not found" in line and "Did you mean: quickstart.gin" in line
+    assert not {"tensorflow", "jax"} & _imported(result)
+
+
 def test_quickstart_requires_model_dir(tmp_path):
     result = _run("train", "--gin_file=quickstart.gin", cwd=tmp_path)
     assert result.returncode == 1
