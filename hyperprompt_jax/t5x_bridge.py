@@ -89,9 +89,7 @@ class _TaskIdModule:
         rows = _rows(args, kwargs)
         batch = self._task_ids.shape[0]
         if rows is None or rows % batch:
-            raise ValueError(
-                f"Cannot match {batch} task ids to a network call with {rows} rows."
-            )
+            raise ValueError(f"Cannot match {batch} task ids to a network call with {rows} rows.")
         return {**kwargs, "task_ids": jnp.repeat(self._task_ids, rows // batch, axis=0)}
 
     def apply(self, variables: PyTree, *args: Any, **kwargs: Any) -> Any:
@@ -116,7 +114,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
     FEATURE_CONVERTER_CLS = feature_converters.EncDecTaskIdFeatureConverter
 
-    def _bound(self, task_ids: Array | None) -> "EncoderDecoderModel":
+    def _bound(self, task_ids: Array | None) -> EncoderDecoderModel:
         if task_ids is None:
             return self
         bound = copy.copy(self)  # shares everything; only `module` differs
@@ -293,9 +291,12 @@ class ProjectModelAdapter(t5x_models.BaseModel):
         super().__init__(optimizer_def=optimizer_def)
         self.model = model
         self.module = model.module
-        self.FEATURE_CONVERTER_CLS = getattr(  # noqa: N815 (t5x's name)
-            model, "_feature_converter_cls", None
-        ) or feature_converters.EncDecTaskIdFeatureConverter
+        self.FEATURE_CONVERTER_CLS = (
+            getattr(  # noqa: N815 (t5x's name)
+                model, "_feature_converter_cls", None
+            )
+            or feature_converters.EncDecTaskIdFeatureConverter
+        )
 
     @property
     def input_vocabulary(self):
