@@ -51,8 +51,10 @@ depends on the other examples) and contradicts the paper's per-example top-1 rou
 probability. Their top-k (k > 1) branch has no such broadcast and matches ours.
 
 The routing noise draws from the `'dropout'` RNG stream, which every training step
-already provides. The auxiliary load-balancing loss found in the authors' code is not
-used: the paper's balance comes from the router perturbation.
+already provides. The authors' script also adds an auxiliary load-balancing loss
+(`0.01 * k * sum(mean probability * load)`, on by default there); the paper describes
+none (its balance comes from the router perturbation), and we do not add it
+(docs/methods.md lists every such difference).
 
 Router statistics are sown into the `'intermediates'` collection on every call
 (retrieve them with `mutable=['intermediates']`):

@@ -443,3 +443,10 @@ def test_t5x_recipe_and_random_variant():
         assert (hook.num_prompts, hook.length) == (4, 5)
     finally:
         gin.clear_config()
+    # The authors' prompts: torch.nn.Embedding's default N(0, 1).
+    assert hook.prompt_init == prompts.Normal(1.0)
+    embedded, mask = jnp.zeros((2, 3, 256)), jnp.ones((2, 3), bool)
+    params = hook.init({"params": KEY}, embedded, mask)["params"]
+    assert params["prompts"].shape == (4, 5, 256)
+    assert float(jnp.std(params["prompts"])) == pytest.approx(1.0, rel=0.05)
+    assert abs(float(jnp.mean(params["prompts"]))) < 0.05
