@@ -371,6 +371,44 @@ def test_consistency_loss_two_passes():
     assert "consistency_loss" not in eval_metrics
 
 
+def test_load_balancing_loss_is_the_authors_formula_and_reaches_the_loss():
+    """`load_balancing_weight` sows `w * k * sum(mean prob * load)` (the authors'
+    `balancing_loss`, transcribed in NumPy from their prompt_routing.py) in training only;
+    the model adds it to the loss scaled by the number of target tokens."""
+    module = smop.SMoP(num_prompts=K, length=L, load_balancing_weight=0.5)
+    embedded, mask = _inputs()
+    variables = module.init({"params": KEY, "dropout": KEY}, embedded, mask)
+    _, state = module.apply(
+        variables, embedded, mask, deterministic=False, rngs={"dropout": KEY},
+        mutable=["intermediates", "aux_losses"],
+    )  # fmt: skip
+    probs = np.asarray(state["intermediates"]["router_probs"][0])
+    # Their load: bincount of the chosen prompts / (batch * k); their probs_mean.
+    load = np.bincount(probs.argmax(-1), minlength=K) / probs.shape[0]  # top-1 choices
+    expected = 0.5 * K * np.sum(probs.mean(0) * load)
+    np.testing.assert_allclose(state["aux_losses"]["load_balancing"][0], expected, rtol=1e-5)
+    _, eval_state = module.apply(variables, embedded, mask, mutable=["aux_losses"])
+    assert not eval_state.get("aux_losses")
+
+    from hyperprompt_jax import models
+
+    def loss_of(weight):
+        hook = smop.SMoP(num_prompts=K, length=L, load_balancing_weight=weight)
+        model = models.EncoderDecoderModel(network.Transformer(CONFIG, prompt=hook), None, None)
+        return model, jax.jit(model.loss_fn)
+
+    model, with_aux = loss_of(0.5)
+    _, without = loss_of(0.0)
+    params = model.get_initial_variables(KEY, {k: v.shape for k, v in BATCH.items()})["params"]
+    loss, metrics = with_aux(params, BATCH, KEY)
+    plain, _ = without(params, BATCH, KEY)
+    tokens = float((TGT > 0).sum())
+    assert float(metrics["aux_loss"]) > 0.0
+    np.testing.assert_allclose(
+        float(loss), float(plain) + tokens * float(metrics["aux_loss"]), rtol=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Recipes: gin files held to the authors' numbers
 # ---------------------------------------------------------------------------------------
@@ -411,6 +449,7 @@ def test_authors_recipe_follows_their_script():
             hf_semantics=True, multiply_by_parameter_scale=False, weight_decay_rate=1e-5
         )
         assert callable(adafactor)
+        assert gin.get_configurable(smop.SMoP)().load_balancing_weight == 0.01
         # HF's schedule is a LambdaLR of the step: read its lambda directly.
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
         sched = hf.get_linear_schedule_with_warmup(opt, int(3900 * 0.06), 3900)
