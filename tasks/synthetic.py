@@ -126,7 +126,10 @@ def register() -> None:
             output_features=OUTPUT_FEATURES,
             metric_fns=[hp_metrics.accuracy],
         )
-    for mixture, names in ((MIXTURE_NAME, TASK_NAMES), (PREFIXED_MIXTURE_NAME, PREFIXED_TASK_NAMES)):
+    for mixture, names in (
+        (MIXTURE_NAME, TASK_NAMES),
+        (PREFIXED_MIXTURE_NAME, PREFIXED_TASK_NAMES),
+    ):
         if mixture not in seqio.MixtureRegistry.names():
             seqio.MixtureRegistry.add(mixture, [(name, 1.0) for name in names])
 

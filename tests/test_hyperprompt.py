@@ -225,7 +225,6 @@ def _t5_1_1_total(cfg: T5Config) -> int:
 def _recipe(variant: str, bindings=()):
     """The gin recipe's HyperPrompt hook and the macros it was built from."""
     import gin
-
     from hyperprompt_jax import gin_utils
 
     try:
@@ -269,7 +268,6 @@ def test_recipe_variants_schedule_and_init_statistics():
     (full-model tuning, t5x Adafactor, constant learning rate 1e-3); initial global
     prompts are Uniform(-0.5, 0.5) and HyperNetwork kernels have variance 1 / fan-in."""
     import gin
-
     from hyperprompt_jax import gin_utils, optim
 
     assert _recipe("share").hypernetworks == hyperprompt.PerLayer(per_task=False)
@@ -292,9 +290,9 @@ def test_recipe_variants_schedule_and_init_statistics():
 
     cfg = CONFIG.replace(emb_dim=256, num_heads=4, head_dim=64)
     module = hyperprompt.HyperPrompt(num_tasks=4, prompt_length=16, bottleneck_dim=128)
-    params = module.init(
-        KEY, jnp.zeros(2, jnp.int32), config=cfg, stack="encoder", batch_size=2
-    )["params"]
+    params = module.init(KEY, jnp.zeros(2, jnp.int32), config=cfg, stack="encoder", batch_size=2)[
+        "params"
+    ]
     task_prompts = np.asarray(params["task_prompts"])
     assert -0.5 <= task_prompts.min() and task_prompts.max() <= 0.5
     assert task_prompts.std() == pytest.approx(0.5 / np.sqrt(3), rel=0.05)

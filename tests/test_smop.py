@@ -312,7 +312,9 @@ def test_symmetric_kl_matches_the_authors_torch_loss():
     np.testing.assert_allclose(float(value), float(ref.detach()), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_a), ta.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(grad_b), tb.grad.numpy(), rtol=1e-4, atol=1e-7)
-    assert float(losses.symmetric_kl(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.symmetric_kl(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(
+        0.0, abs=1e-6
+    )
     # Weights drop padded positions.
     weights = np.ones((3, 4), np.float32)
     weights[:, 2:] = 0.0
@@ -324,9 +326,7 @@ def test_symmetric_kl_matches_the_authors_torch_loss():
 def _smop_model(routing, consistency_weight):
     from hyperprompt_jax import models
 
-    module = network.Transformer(
-        CONFIG, prompt=smop.SMoP(num_prompts=K, length=L, routing=routing)
-    )
+    module = network.Transformer(CONFIG, prompt=smop.SMoP(num_prompts=K, length=L, routing=routing))
     return models.EncoderDecoderModel(
         module, None, None, z_loss=1e-4, consistency_weight=consistency_weight
     )
@@ -425,7 +425,6 @@ def test_authors_recipe_follows_their_script():
     schedule (warmup 6% of TRAIN_STEPS), batch 32, 512-token budget with the prompt,
     early stopping patience 10."""
     import gin
-
     from hyperprompt_jax import gin_utils, optim
 
     torch = pytest.importorskip("torch")
@@ -467,7 +466,6 @@ def test_authors_recipe_follows_their_script():
 
 def test_t5x_recipe_and_random_variant():
     import gin
-
     from hyperprompt_jax import gin_utils, models
 
     try:

@@ -16,8 +16,12 @@ def _examples(task: str, length: int):
         {"inputs": length, "targets": 2}, split="validation", shuffle=False
     )
     return [
-        (ex["inputs_pretokenized"].decode(), ex["inputs"], ex["targets_pretokenized"].decode(),
-         int(ex["task_id"]))
+        (
+            ex["inputs_pretokenized"].decode(),
+            ex["inputs"],
+            ex["targets_pretokenized"].decode(),
+            int(ex["task_id"]),
+        )
         for ex in ds.take(32).as_numpy_iterator()
     ]
 
@@ -30,7 +34,9 @@ def test_prefixed_tasks_name_the_task_and_keep_everything_else():
     ):
         plain = _examples(plain_name, synthetic.LENGTH + 1)
         prefixed = _examples(prefixed_name, synthetic.PREFIXED_INPUT_LENGTH)
-        for (text, _, target, task_id), (p_text, p_ids, p_target, p_id) in zip(plain, prefixed):
+        for (text, _, target, task_id), (p_text, p_ids, p_target, p_id) in zip(
+            plain, prefixed, strict=True
+        ):
             assert p_text == f"{rule}: {text}"
             assert (p_target, p_id) == (target, task_id)
             assert p_ids[-1] == 1 and len(p_ids) <= synthetic.PREFIXED_INPUT_LENGTH  # EOS kept
@@ -39,8 +45,7 @@ def test_prefixed_tasks_name_the_task_and_keep_everything_else():
 
 def test_prefix_baseline_gin_is_the_quickstart_without_hyperprompt():
     import gin
-
-    from hyperprompt_jax import gin_utils, network
+    from hyperprompt_jax import gin_utils
 
     try:
         gin_utils.parse_gin(["quickstart_prefix_baseline.gin"], finalize=False)
