@@ -26,7 +26,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "smop": (
         "methods/smop.gin",
         # Its schedule follows the run's length (runs/finetune.gin binds it in training).
-        ("NUM_PROMPTS=4", "PROMPT_LENGTH=5", "optim.create_learning_rate_scheduler.total_steps=1000"),
+        (
+            "NUM_PROMPTS=4",
+            "PROMPT_LENGTH=5",
+            "optim.create_learning_rate_scheduler.total_steps=1000",
+        ),
     ),
     "hyperprompt_share": ("methods/hyperprompt_share.gin", ("NUM_TASKS=8",)),
     "hyperprompt_sep": ("methods/hyperprompt_sep.gin", ("NUM_TASKS=8",)),

@@ -20,6 +20,7 @@ import os
 from typing import Any, NamedTuple, Sequence
 
 import jax.numpy as jnp
+
 from gin import config_parser as gin_parser
 
 _DTYPES = {

@@ -292,9 +292,7 @@ class Global:
         t_emb, hidden, t = self.task_embed_dim, self.projector_hidden_dim, self.layer_task_embed_dim
         layers = config.num_encoder_layers + config.num_decoder_layers
         projector = 2 * t_emb * hidden + hidden + hidden * t + t
-        return (
-            num_tasks * t_emb + layers * t_emb + projector + t * _per_net(config, bottleneck_dim)
-        )
+        return num_tasks * t_emb + layers * t_emb + projector + t * _per_net(config, bottleneck_dim)
 
 
 def _per_net(config: T5Config, bottleneck_dim: int) -> int:

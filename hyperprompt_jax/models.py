@@ -277,6 +277,11 @@ class EncoderDecoderModel:
           return_intermediates: also return the Flax `intermediates` collection (values
             the modules `sow`, e.g. SMoP router probabilities and choices).
 
+        Values modules sow into the `aux_losses` collection (per-token-mean scale, e.g.
+        SMoP's optional load-balancing loss) are added to the loss, multiplied by the
+        number of real target tokens over the loss normalising factor, and reported
+        (unscaled) as `aux_loss`.
+
         Returns:
           `(loss, metrics)`, or `(loss, (metrics, intermediates))` with
           `return_intermediates=True`. `metrics` is `compute_base_metrics`'s dict (of
@@ -284,14 +289,14 @@ class EncoderDecoderModel:
           loss is both passes' plus the weighted consistency term, whose unweighted
           value is reported as `consistency_loss`).
         """
+        # Modules may sow auxiliary training losses (e.g. SMoP's optional load balancing)
+        # into `aux_losses`; they are added below.
+        mutable = ["aux_losses", *(["intermediates"] if return_intermediates else [])]
+        logits, state = self._compute_logits(params, batch, dropout_rng, mutable=mutable)
+        intermediates = None
         if return_intermediates:
-            logits, state = self._compute_logits(
-                params, batch, dropout_rng, mutable=["intermediates"]
-            )
             intermediates = flax_core.unfreeze(state.get("intermediates", {}))
-        else:
-            logits = self._compute_logits(params, batch, dropout_rng)
-            intermediates = None
+        aux_losses = jax.tree.leaves(flax_core.unfreeze(state.get("aux_losses", {})))
         factor, weights = losses.get_loss_normalizing_factor_and_weights(
             self.loss_normalizing_factor, batch
         )
@@ -309,6 +314,13 @@ class EncoderDecoderModel:
             loss_normalizing_factor=factor,
         )
         metrics = compute_base_metrics(logits, targets, weights, loss, z_loss, weight_sum)
+        if aux_losses:
+            # Auxiliary losses are defined against a per-token mean cross-entropy (as in
+            # the codebases they come from); scale them to this loss's normalisation.
+            aux = sum(jnp.sum(a) for a in aux_losses)
+            scale = weight_sum if factor is None else weight_sum / factor
+            loss = loss + aux * scale
+            metrics = {**metrics, "aux_loss": aux}
         if self.consistency_weight > 0.0 and dropout_rng is not None:
             loss, metrics = self._add_consistency(
                 params, batch, dropout_rng, logits, loss, weights, factor, metrics

@@ -363,7 +363,6 @@ class InputHook:
         return self.combination.extend_mask(input_mask, self.length)
 
 
-
 class SoftPrompt(InputHook, nn.Module):
     """A trainable prompt prepended to the encoder input embeddings (input hook).
 

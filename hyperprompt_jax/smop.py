@@ -51,8 +51,12 @@ depends on the other examples) and contradicts the paper's per-example top-1 rou
 probability. Their top-k (k > 1) branch has no such broadcast and matches ours.
 
 The routing noise draws from the `'dropout'` RNG stream, which every training step
-already provides. The auxiliary load-balancing loss found in the authors' code is not
-used: the paper's balance comes from the router perturbation.
+already provides. The authors' script also adds an auxiliary load-balancing loss,
+`0.01 * k * sum_i(mean probability_i * fraction of selections_i)` (Switch-style, on by
+default there, training only); the paper describes none (its balance comes from the
+router perturbation), so it is off by default here and `load_balancing_weight = 0.01`
+(as `gin/methods/smop_authors.gin` sets) turns it on: the module sows it into the
+`aux_losses` collection, which `models.EncoderDecoderModel.loss_fn` adds to the loss.
 
 Router statistics are sown into the `'intermediates'` collection on every call
 (retrieve them with `mutable=['intermediates']`):
@@ -281,6 +285,8 @@ class SMoP(prompts.InputHook, nn.Module):
       router_init: initialiser of the `[E, k]` router kernel (orthogonal).
       combination: how the routed prompt meets the inputs (`prompts.Prefix`).
       max_length: optional encoder length budget including the prompt.
+      load_balancing_weight: weight of the authors' auxiliary load-balancing loss
+        (training only; 0 = off, the paper).
     """
 
     num_prompts: int = 4
@@ -290,9 +296,14 @@ class SMoP(prompts.InputHook, nn.Module):
     router_init: layers.Initializer = nn.initializers.orthogonal()
     combination: prompts.Combination = prompts.Prefix()
     max_length: int | None = None
+    load_balancing_weight: float = 0.0
 
     def __post_init__(self):
         self._check_length()
+        if not self.load_balancing_weight >= 0.0:
+            raise ValueError(
+                f"load_balancing_weight must be >= 0, got {self.load_balancing_weight!r}."
+            )
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
             raise ValueError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
         super().__post_init__()
@@ -335,11 +346,14 @@ class SMoP(prompts.InputHook, nn.Module):
             selections = (weights_BK != 0).astype(jnp.float32)
         else:
             selections = probs_BK
-        self.sow(
-            "intermediates",
-            "prompt_fraction",
-            jnp.sum(selections, 0) / jnp.maximum(jnp.sum(selections), 1.0),
-        )
+        fraction_K = jnp.sum(selections, 0) / jnp.maximum(jnp.sum(selections), 1.0)
+        self.sow("intermediates", "prompt_fraction", fraction_K)
+        if self.load_balancing_weight > 0.0 and not deterministic:
+            # k * sum_i mean_prob_i * load_i: 1 when balanced; the load is not differentiated.
+            balance = self.num_prompts * jnp.sum(
+                jnp.mean(probs_BK, 0) * jax.lax.stop_gradient(fraction_K)
+            )
+            self.sow("aux_losses", "load_balancing", self.load_balancing_weight * balance)
         self.sow("intermediates", "mean_max_prob", jnp.mean(jnp.max(probs_BK, -1)))
 
         return self._prepend(prompt_BPE, embedded_inputs, input_mask)

@@ -18,6 +18,12 @@ carries `task_id` (int32). Since the input text never names the task, a model wi
 task conditioning can at best guess which rule applies (the four answers agree only by
 chance), while a task-conditioned model (HyperPrompt, multi-task prompts) can solve
 all four. Metric: `accuracy` (exact match, percent).
+
+The fair multi-task baseline (the HyperPrompt paper's, T5's convention) names the task
+in the input text instead: `hp_synthetic_multitask_prefixed` mixes
+`hp_synthetic_<name>_prefixed`, whose inputs are `"<name>: <letters>"` (e.g.
+`"first: hbcfaegd"`, at most `PREFIXED_INPUT_LENGTH` bytes with EOS), same targets,
+same task ids (`gin/quickstart_prefix_baseline.gin`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ NUM_EXAMPLES = {"train": 20000, "validation": 256, "test": 256}
 # Distinct seeds per split so validation strings are (almost surely) unseen in training.
 _SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 MIXTURE_NAME = "hp_synthetic_multitask"
+PREFIXED_MIXTURE_NAME = "hp_synthetic_multitask_prefixed"
 
 # name -> rule; the order fixes the task ids.
 RULES: Mapping[str, Callable[[str], str]] = {
@@ -44,6 +51,9 @@ RULES: Mapping[str, Callable[[str], str]] = {
     "max": max,
 }
 TASK_NAMES = tuple(f"hp_synthetic_{name}" for name in RULES)
+PREFIXED_TASK_NAMES = tuple(f"hp_synthetic_{name}_prefixed" for name in RULES)
+# Longest prefixed input in bytes, EOS included: "first: " + LENGTH letters + EOS.
+PREFIXED_INPUT_LENGTH = max(len(name) for name in RULES) + 2 + LENGTH + 1
 
 VOCABULARY = seqio.ByteVocabulary()
 OUTPUT_FEATURES = {
@@ -65,7 +75,7 @@ def make_inputs(split: str) -> list[str]:
     return ["".join(ALPHABET[i] for i in row) for row in letters]
 
 
-def _dataset_fn(rule: Callable[[str], str], task_id: int):
+def _dataset_fn(rule: Callable[[str], str], task_id: int, prefix: str = ""):
     def dataset_fn(
         split: str, shuffle_files: bool = False, seed: int | None = None
     ) -> tf.data.Dataset:
@@ -73,7 +83,7 @@ def _dataset_fn(rule: Callable[[str], str], task_id: int):
         inputs = make_inputs(split)
         return tf.data.Dataset.from_tensor_slices(
             {
-                "inputs": inputs,
+                "inputs": [prefix + s for s in inputs],
                 "targets": [rule(s) for s in inputs],
                 "task_id": np.full(len(inputs), task_id, np.int32),
             }
@@ -87,14 +97,23 @@ def _decode(text: str, **unused_kwargs) -> str:
 
 
 def register() -> None:
-    """Registers the four tasks and the mixture (idempotent)."""
-    for task_id, (task_name, rule) in enumerate(zip(TASK_NAMES, RULES.values(), strict=True)):
+    """Registers the four tasks, their task-name-prefixed copies and both mixtures
+    (idempotent)."""
+    tasks = [
+        (task_name, rule, task_id, prefix)
+        for names, with_prefix in ((TASK_NAMES, False), (PREFIXED_TASK_NAMES, True))
+        for task_id, (task_name, (rule_name, rule)) in enumerate(
+            zip(names, RULES.items(), strict=True)
+        )
+        for prefix in [f"{rule_name}: " if with_prefix else ""]
+    ]
+    for task_name, rule, task_id, prefix in tasks:
         if task_name in seqio.TaskRegistry.names():
             continue
         seqio.TaskRegistry.add(
             task_name,
             source=seqio.FunctionDataSource(
-                _dataset_fn(rule, task_id),
+                _dataset_fn(rule, task_id, prefix),
                 splits=tuple(NUM_EXAMPLES),
                 num_input_examples=NUM_EXAMPLES,
             ),
@@ -107,8 +126,12 @@ def register() -> None:
             output_features=OUTPUT_FEATURES,
             metric_fns=[hp_metrics.accuracy],
         )
-    if MIXTURE_NAME not in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.add(MIXTURE_NAME, [(name, 1.0) for name in TASK_NAMES])
+    for mixture, names in (
+        (MIXTURE_NAME, TASK_NAMES),
+        (PREFIXED_MIXTURE_NAME, PREFIXED_TASK_NAMES),
+    ):
+        if mixture not in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.add(mixture, [(name, 1.0) for name in names])
 
 
 register()

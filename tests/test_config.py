@@ -30,7 +30,6 @@ def test_sizes_read_from_gin_equal_what_gin_binds():
     """`config.t5_1_1` reads gin/models/*.gin with gin's parser; parsing the same file
     for real and calling the configured T5Config gives the same architecture."""
     import gin
-
     from hyperprompt_jax import gin_utils
 
     try:

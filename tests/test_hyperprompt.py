@@ -206,3 +206,97 @@ def test_bad_configuration_raises():
     hook = _hook("share")
     with pytest.raises(ValueError, match="stack"):
         hook.init(KEY, IDS, config=CONFIG, stack="middle", batch_size=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes held to the paper's numbers (He et al., 2022)
+# ---------------------------------------------------------------------------------------
+
+
+def _t5_1_1_total(cfg: T5Config) -> int:
+    """Closed-form size of a T5.1.1 network (untied logits, GeGLU): independent arithmetic."""
+    e, kv, f = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+    relpos = cfg.num_heads * cfg.relative_attention_num_buckets
+    encoder = cfg.num_encoder_layers * (4 * e * kv + 3 * e * f + 2 * e) + e + relpos
+    decoder = cfg.num_decoder_layers * (8 * e * kv + 3 * e * f + 3 * e) + e + relpos
+    return 2 * cfg.vocab_size * e + encoder + decoder
+
+
+def _recipe(variant: str, bindings=()):
+    """The gin recipe's HyperPrompt hook and the macros it was built from."""
+    import gin
+    from hyperprompt_jax import gin_utils
+
+    try:
+        gin_utils.parse_gin(
+            ["models/t5_1_1_base.gin", f"methods/hyperprompt_{variant}.gin"],
+            ["NUM_TASKS=8", *bindings],
+        )
+        return gin.get_configurable(hyperprompt.HyperPrompt)()
+    finally:
+        gin.clear_config()
+
+
+# (variant, size, bindings, added parameters as % of T5.1.1) with 8 tasks (GLUE). Our
+# defaults l = 16, b = 32, t = 32, and the settings docs/methods.md gives for the
+# paper's "as few as 0.14%" (the paper's l, b, t are not published in the sources we
+# could read): at XXL, HyperPrompt-Global with t = 28 or HyperPrompt-Share with b = 20.
+PERCENTAGES = [
+    ("share", "base", (), 0.99),
+    ("global", "base", (), 1.31),
+    ("share", "xxl", (), 0.23),
+    ("global", "xxl", (), 0.155),
+    ("global", "xxl", ("TASK_EMBED_DIM=28",), 0.14),
+    ("share", "xxl", ("BOTTLENECK_DIM=20",), 0.14),
+]
+
+
+@pytest.mark.parametrize("variant, size, bindings, percent", PERCENTAGES)
+def test_recipe_parameter_fractions(variant, size, bindings, percent):
+    from hyperprompt_jax import config
+
+    hook = _recipe(variant, bindings)
+    cfg = config.t5_1_1(size)
+    added = hyperprompt.added_parameters(
+        cfg, hook.hypernetworks, hook.num_tasks, hook.prompt_length, hook.bottleneck_dim
+    )
+    assert 100 * added / _t5_1_1_total(cfg) == pytest.approx(percent, abs=0.01)
+
+
+def test_recipe_variants_schedule_and_init_statistics():
+    """The three gin files select the three pieces; the training recipe is the paper's
+    (full-model tuning, t5x Adafactor, constant learning rate 1e-3); initial global
+    prompts are Uniform(-0.5, 0.5) and HyperNetwork kernels have variance 1 / fan-in."""
+    import gin
+    from hyperprompt_jax import gin_utils, optim
+
+    assert _recipe("share").hypernetworks == hyperprompt.PerLayer(per_task=False)
+    assert _recipe("sep").hypernetworks == hyperprompt.PerLayer(per_task=True)
+    hook = _recipe("global")
+    assert hook.hypernetworks == hyperprompt.Global(32, 32, 32)
+    assert (hook.prompt_length, hook.bottleneck_dim) == (16, 32)
+    try:
+        gin_utils.parse_gin(
+            ["runs/finetune.gin", "models/t5_1_1_base.gin", "methods/hyperprompt_share.gin"],
+            ["NUM_TASKS=8", "TRAIN_STEPS=100"],
+            finalize=False,
+        )
+        schedule = gin.get_configurable(optim.create_learning_rate_scheduler)()
+        assert [float(schedule(s)) for s in (0, 50, 10_000)] == pytest.approx([1e-3] * 3)
+        assert gin_utils.query_macro("TRAINABLE_PATTERNS") is None
+        assert gin.query_parameter("optim.adafactor.multiply_by_parameter_scale") is not False
+    finally:
+        gin.clear_config()
+
+    cfg = CONFIG.replace(emb_dim=256, num_heads=4, head_dim=64)
+    module = hyperprompt.HyperPrompt(num_tasks=4, prompt_length=16, bottleneck_dim=128)
+    params = module.init(KEY, jnp.zeros(2, jnp.int32), config=cfg, stack="encoder", batch_size=2)[
+        "params"
+    ]
+    task_prompts = np.asarray(params["task_prompts"])
+    assert -0.5 <= task_prompts.min() and task_prompts.max() <= 0.5
+    assert task_prompts.std() == pytest.approx(0.5 / np.sqrt(3), rel=0.05)
+    down = np.asarray(params["encoder"]["key_down"])  # [M, d, b]: fan-in d
+    up = np.asarray(params["encoder"]["value_up"])  # [M, b, K]: fan-in b
+    assert down.var() == pytest.approx(1 / 256, rel=0.1)
+    assert up.var() == pytest.approx(1 / 128, rel=0.1)

@@ -34,7 +34,10 @@ def _data(seed=0):
     rng = np.random.RandomState(seed)
     params = {k: rng.randn(*s).astype(np.float32) for k, s in SHAPES.items()}
     grads = [
-        {k: (rng.randn(*s) * 10.0 ** rng.uniform(-2, 1)).astype(np.float32) for k, s in SHAPES.items()}
+        {
+            k: (rng.randn(*s) * 10.0 ** rng.uniform(-2, 1)).astype(np.float32)
+            for k, s in SHAPES.items()
+        }
         for _ in range(STEPS)
     ]
     return params, grads
@@ -88,7 +91,12 @@ CASES = {
     "momentum_decay": (
         dict(lr=0.05, relative_step=False, beta1=0.9, weight_decay=0.2, clip_threshold=0.5),
         False,
-        dict(multiply_by_parameter_scale=True, beta1=0.9, weight_decay_rate=0.2, clipping_threshold=0.5),
+        dict(
+            multiply_by_parameter_scale=True,
+            beta1=0.9,
+            weight_decay_rate=0.2,
+            clipping_threshold=0.5,
+        ),
     ),
 }
 

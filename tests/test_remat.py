@@ -41,8 +41,12 @@ KEY = jax.random.PRNGKey(0)
 
 
 def _module(policy: str) -> network.Transformer:
-    hook = hyperprompt.HyperPrompt(num_tasks=2, prompt_length=2, bottleneck_dim=4,
-                                    hypernetworks=hyperprompt.PerLayer(per_task=True))
+    hook = hyperprompt.HyperPrompt(
+        num_tasks=2,
+        prompt_length=2,
+        bottleneck_dim=4,
+        hypernetworks=hyperprompt.PerLayer(per_task=True),
+    )
     return network.Transformer(CFG.replace(remat_policy=policy), hyperprompt=hook)
 
 

@@ -312,7 +312,9 @@ def test_symmetric_kl_matches_the_authors_torch_loss():
     np.testing.assert_allclose(float(value), float(ref.detach()), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_a), ta.grad.numpy(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(grad_b), tb.grad.numpy(), rtol=1e-4, atol=1e-7)
-    assert float(losses.symmetric_kl(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.symmetric_kl(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(
+        0.0, abs=1e-6
+    )
     # Weights drop padded positions.
     weights = np.ones((3, 4), np.float32)
     weights[:, 2:] = 0.0
@@ -324,9 +326,7 @@ def test_symmetric_kl_matches_the_authors_torch_loss():
 def _smop_model(routing, consistency_weight):
     from hyperprompt_jax import models
 
-    module = network.Transformer(
-        CONFIG, prompt=smop.SMoP(num_prompts=K, length=L, routing=routing)
-    )
+    module = network.Transformer(CONFIG, prompt=smop.SMoP(num_prompts=K, length=L, routing=routing))
     return models.EncoderDecoderModel(
         module, None, None, z_loss=1e-4, consistency_weight=consistency_weight
     )
@@ -371,6 +371,44 @@ def test_consistency_loss_two_passes():
     assert "consistency_loss" not in eval_metrics
 
 
+def test_load_balancing_loss_is_the_authors_formula_and_reaches_the_loss():
+    """`load_balancing_weight` sows `w * k * sum(mean prob * load)` (the authors'
+    `balancing_loss`, transcribed in NumPy from their prompt_routing.py) in training only;
+    the model adds it to the loss scaled by the number of target tokens."""
+    module = smop.SMoP(num_prompts=K, length=L, load_balancing_weight=0.5)
+    embedded, mask = _inputs()
+    variables = module.init({"params": KEY, "dropout": KEY}, embedded, mask)
+    _, state = module.apply(
+        variables, embedded, mask, deterministic=False, rngs={"dropout": KEY},
+        mutable=["intermediates", "aux_losses"],
+    )  # fmt: skip
+    probs = np.asarray(state["intermediates"]["router_probs"][0])
+    # Their load: bincount of the chosen prompts / (batch * k); their probs_mean.
+    load = np.bincount(probs.argmax(-1), minlength=K) / probs.shape[0]  # top-1 choices
+    expected = 0.5 * K * np.sum(probs.mean(0) * load)
+    np.testing.assert_allclose(state["aux_losses"]["load_balancing"][0], expected, rtol=1e-5)
+    _, eval_state = module.apply(variables, embedded, mask, mutable=["aux_losses"])
+    assert not eval_state.get("aux_losses")
+
+    from hyperprompt_jax import models
+
+    def loss_of(weight):
+        hook = smop.SMoP(num_prompts=K, length=L, load_balancing_weight=weight)
+        model = models.EncoderDecoderModel(network.Transformer(CONFIG, prompt=hook), None, None)
+        return model, jax.jit(model.loss_fn)
+
+    model, with_aux = loss_of(0.5)
+    _, without = loss_of(0.0)
+    params = model.get_initial_variables(KEY, {k: v.shape for k, v in BATCH.items()})["params"]
+    loss, metrics = with_aux(params, BATCH, KEY)
+    plain, _ = without(params, BATCH, KEY)
+    tokens = float((TGT > 0).sum())
+    assert float(metrics["aux_loss"]) > 0.0
+    np.testing.assert_allclose(
+        float(loss), float(plain) + tokens * float(metrics["aux_loss"]), rtol=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Recipes: gin files held to the authors' numbers
 # ---------------------------------------------------------------------------------------
@@ -387,7 +425,6 @@ def test_authors_recipe_follows_their_script():
     schedule (warmup 6% of TRAIN_STEPS), batch 32, 512-token budget with the prompt,
     early stopping patience 10."""
     import gin
-
     from hyperprompt_jax import gin_utils, optim
 
     torch = pytest.importorskip("torch")
@@ -411,6 +448,7 @@ def test_authors_recipe_follows_their_script():
             hf_semantics=True, multiply_by_parameter_scale=False, weight_decay_rate=1e-5
         )
         assert callable(adafactor)
+        assert gin.get_configurable(smop.SMoP)().load_balancing_weight == 0.01
         # HF's schedule is a LambdaLR of the step: read its lambda directly.
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
         sched = hf.get_linear_schedule_with_warmup(opt, int(3900 * 0.06), 3900)
@@ -428,7 +466,6 @@ def test_authors_recipe_follows_their_script():
 
 def test_t5x_recipe_and_random_variant():
     import gin
-
     from hyperprompt_jax import gin_utils, models
 
     try:
@@ -443,3 +480,10 @@ def test_t5x_recipe_and_random_variant():
         assert (hook.num_prompts, hook.length) == (4, 5)
     finally:
         gin.clear_config()
+    # The authors' prompts: torch.nn.Embedding's default N(0, 1).
+    assert hook.prompt_init == prompts.Normal(1.0)
+    embedded, mask = jnp.zeros((2, 3, 256)), jnp.ones((2, 3), bool)
+    params = hook.init({"params": KEY}, embedded, mask)["params"]
+    assert params["prompts"].shape == (4, 5, 256)
+    assert float(jnp.std(params["prompts"])) == pytest.approx(1.0, rel=0.05)
+    assert abs(float(jnp.mean(params["prompts"]))) < 0.05
