@@ -78,6 +78,24 @@ def test_hyperprompt_counts_match_the_closed_form(variant):
         assert train == total == backbone + added
 
 
+def test_hyperprompt_setting_for_the_papers_014_percent():
+    """One of docs/methods.md's settings for the paper's "as few as 0.14%"
+    (HyperPrompt-Share on T5.1.1-base, 8 tasks, l = 8, b = 4), counted on the real gin
+    files (the XXL settings use the closed form, checked against count_params above)."""
+    own, total, _ = count_params.count_params(
+        ["models/t5_1_1_base.gin", "methods/hyperprompt_share.gin"],
+        [
+            "NUM_TASKS=8",
+            "PROMPT_LENGTH=8",
+            "BOTTLENECK_DIM=4",
+            "TRAINABLE_PATTERNS=['hyperprompt/.*']",
+        ],
+    )
+    backbone = t5_1_1_total(config.t5_1_1("base"))
+    assert total == backbone + own
+    assert 0.135 < 100 * own / backbone < 0.145
+
+
 def test_hyperprompt_requires_num_tasks():
     with pytest.raises(Exception, match="num_tasks|NUM_TASKS"):
         count_params.count_params(["models/t5_1_1_tiny.gin", "methods/hyperprompt_sep.gin"])
