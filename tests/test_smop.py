@@ -435,6 +435,9 @@ def test_authors_recipe_follows_their_script():
         _parse(["methods/smop_authors.gin"], [*run, "TRAIN_STEPS=3900"])
         assert gin_utils.query_macro("BATCH_SIZE") == 32
         assert gin_utils.query_macro("EARLY_STOPPING_PATIENCE") == 10
+        # ... and it reaches the launcher's train function (runs/finetune.gin binds it).
+        patience = gin.query_parameter("train_script.train.early_stopping_patience")
+        assert gin_utils.instantiate(patience) == 10
         lengths = gin_utils.query_macro("TASK_FEATURE_LENGTHS")
         budget = gin_utils.query_macro("ENCODER_MAX_LENGTH")
         assert budget == 512 and lengths["inputs"] + gin_utils.query_macro("PROMPT_LENGTH") == 512
