@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from hyperprompt_jax import decoding, evaluation, optim, partitioning, train, utils
+from hyperprompt_jax import evaluation, optim, partitioning, train, utils
 from hyperprompt_jax import trainer as trainer_lib
 from tests.test_train import SHAPES, make_batch, tiny_model
 
@@ -133,6 +133,8 @@ def test_disk_full_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, capsys
 
 
 def _trainer():
+    from hyperprompt_jax import decoding
+
     model = tiny_model()
     model.decode_fn = decoding.temperature_sample  # greedy (topk=1); takes max_decode_steps
     return trainer_lib.Trainer(
