@@ -137,6 +137,47 @@ def check_task_ids(task_ids: Any, num_tasks: int | None, where: str = "the batch
         )
 
 
+def count_over_long(
+    task: seqio.Task,
+    split: str,
+    lengths: Mapping[str, int],
+    num_examples: int | None = None,
+) -> tuple[dict[str, int], int]:
+    """How many of `task`'s examples are longer than `lengths` (and will be cut).
+
+    Reads the split once with no sequence length (so preprocessors that trim, like
+    `append_eos_after_trim`, do not), counting per feature the examples with more
+    tokens than its length.
+
+    Returns:
+      `({feature: number of over-long examples}, number of examples read)`.
+    """
+    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
+    if num_examples:
+        ds = ds.take(num_examples)
+    over, total = dict.fromkeys(lengths, 0), 0
+    for example in ds.as_numpy_iterator():
+        total += 1
+        for name, length in lengths.items():
+            if name in example and np.asarray(example[name]).shape[0] > length:
+                over[name] += 1
+    return {k: v for k, v in over.items() if v}, total
+
+
+def warn_over_long(name: str, over: Mapping[str, int], total: int, lengths) -> None:
+    """Logs, once, how many examples of `name` are cut to `TASK_FEATURE_LENGTHS`."""
+    for feature, count in sorted(over.items()):
+        logger.warning(
+            "%s: %d of %d examples have more than TASK_FEATURE_LENGTHS['%s']=%d tokens and "
+            "are truncated.",
+            name,
+            count,
+            total,
+            feature,
+            lengths[feature],
+        )
+
+
 def default_feature_converter(
     pack: bool = False, num_tasks: int | None = None
 ) -> seqio.FeatureConverter:

@@ -140,6 +140,10 @@ class SeqioEvaluation:
             use_memory_cache=True,
         )
         self.task_names = [t.name.removesuffix(_VIEW_SUFFIX) for t in self.evaluator.eval_tasks]
+        for task in self.evaluator.eval_tasks:  # Say once what the lengths cut.
+            lengths = dict(dataset_cfg.task_feature_lengths)
+            over, total = data.count_over_long(task, dataset_cfg.split, lengths, num_examples)
+            data.warn_over_long(task.name.removesuffix(_VIEW_SUFFIX), over, total, lengths)
         if not self.task_names:
             logger.warning(
                 "No task of %r has metrics and a %r split; evaluation is skipped.",

@@ -236,6 +236,8 @@ def infer(
         for task in data.tasks_of(mixture_or_task_name):
             if split not in task.splits:
                 continue
+            over, total = data.count_over_long(task, split, lengths, num_examples)
+            data.warn_over_long(task.name, over, total, lengths)
             ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
             if num_examples:
                 ds = ds.take(num_examples)

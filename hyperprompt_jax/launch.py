@@ -4,9 +4,11 @@ It does only what every entry point needs: split the t5x-style flags, parse the 
 files (found by relative name from any directory) and bindings, start
 `jax.distributed` on multi-process setups, configure logging, and call the entry's
 gin-configured function (`train.train`, `eval.evaluate`, `infer.infer`), which does the
-real work. Errors a user can fix (bad gin, unknown task, unwritable directory, weights
-that do not fit, a non-finite loss) end the run with one line on stderr and exit code
-1 instead of a traceback.
+real work. `report_errors` is the one place an entry point turns exceptions into exit
+codes: a `errors.UserError` (bad gin, unknown task, unwritable directory, weights that
+do not fit, a non-finite loss, ...) prints one `error: ...` line and exits 1;
+`errors.Preempted` (SIGTERM, state saved) prints its line and exits 143; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

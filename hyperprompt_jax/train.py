@@ -441,20 +441,21 @@ class _TrainLoop:
                 trainer_lib.tree_bytes(trainer.layout.abstract.opt_state) / 1e6,
             )
             evaluated_at_end = self.evaluation is None or step in self.history.by_step
-            if step >= self.total_steps and evaluated_at_end:
-                logger.info("Already at step %d = TRAIN_STEPS, evaluated; nothing to do.", step)
+            stopped_early = self.patience_exhausted()
+            if (step >= self.total_steps or stopped_early) and evaluated_at_end:
+                if stopped_early:
+                    logger.info(
+                        "Early stopping (before step %d): no new best score in the last %d "
+                        "evaluations; nothing to do.", step, self.history.since_best,
+                    )  # fmt: skip
+                else:
+                    logger.info("Already at step %d = TRAIN_STEPS, evaluated; nothing to do.", step)
                 self.last_eval = self.history.by_step.get(step, {})
-                return self._finish(step, chief, write_config=False)
+                return self._finish(step, chief, write_config=False, stopped_early=stopped_early)
             self.writer = summaries.MetricsWriter(
                 self.model_dir, self.total_steps, self.cfg.batch_size
             )
             self.writer.start(step)
-            stopped_early = self.patience_exhausted()
-            if stopped_early:
-                logger.info(
-                    "Early stopping (before step %d): no new best score in the last %d "
-                    "evaluations.", step, self.history.since_best,
-                )  # fmt: skip
             if step < self.total_steps and not stopped_early:
                 ds = data.get_dataset(
                     self.cfg, self.converter, skip_batches=step, partitioner=trainer.partitioner

@@ -283,3 +283,24 @@ def test_over_long_inputs_are_counted_once(trained, files, capsys):
         "and were truncated."
     )
     assert len(out.read_text().splitlines()) == 4
+
+
+def test_over_long_split_examples_are_counted_once_per_task(trained, files, capsys):
+    out = files["dir"] / "split_out.jsonl"
+    code = infer_entry.main(
+        infer_args(
+            trained,
+            "--gin.INFER_NUM_EXAMPLES=3",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 5, 'targets': 2}",
+            f"--gin.INFER_OUTPUT_FILE='{out}'",
+        )
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if "are truncated" in line]
+    assert len(warnings) == 4, err[-2000:]  # one per task of the mixture
+    assert all(
+        "3 of 3 examples have more than TASK_FEATURE_LENGTHS['inputs']=5 tokens" in w
+        for w in warnings
+    )
+    assert len(out.read_text().splitlines()) == 12
