@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Sequence
 import jax.numpy as jnp
 
 from gin import config_parser as gin_parser
+from hyperprompt_jax.errors import UserError
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -38,7 +39,7 @@ def canonical_dtype(dtype: Any) -> Any:
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"Unsupported activation dtype {dtype!r}; expected one of {sorted(_DTYPES)}."
             )
         return _DTYPES[dtype]
@@ -110,22 +111,22 @@ class T5Config:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}.")
+                raise UserError(f"T5Config.{name} must be a positive int, got {value!r}.")
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"T5Config.{name} must be a non-negative int, got {value!r}.")
+                raise UserError(f"T5Config.{name} must be a non-negative int, got {value!r}.")
         if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+            raise UserError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise UserError(
                 f"Unknown T5Config.remat_policy {self.remat_policy!r}; expected one of "
                 f"{list(REMAT_POLICIES)}."
             )
         if not self.mlp_activations:
-            raise ValueError("T5Config.mlp_activations must name at least one activation.")
+            raise UserError("T5Config.mlp_activations must name at least one activation.")
         if self.relative_attention_num_buckets < 2:
-            raise ValueError(
+            raise UserError(
                 "T5Config.relative_attention_num_buckets must be >= 2, got "
                 f"{self.relative_attention_num_buckets}."
             )
@@ -185,7 +186,7 @@ def _gin_statements(path: str, seen: tuple[str, ...] = ()) -> list[Any]:
     else:
         raise FileNotFoundError(f"No gin file {path!r} in {gin_utils.search_paths()}.")
     if full in seen:
-        raise ValueError(f"Include cycle through {full}.")
+        raise UserError(f"Include cycle through {full}.")
     out = []
     with open(full) as f:
         for statement in gin_parser.ConfigParser(f, _Delegate()):
@@ -226,10 +227,10 @@ def from_gin_file(path: str, **overrides: Any) -> T5Config:
             if not isinstance(value, _Macro):
                 break
             if value.name not in macros:
-                raise ValueError(f"{path}: T5Config.{name} = %{value.name}, an undefined macro.")
+                raise UserError(f"{path}: T5Config.{name} = %{value.name}, an undefined macro.")
             value = macros[value.name]
         if isinstance(value, (_Macro, _Reference)):
-            raise ValueError(f"{path}: T5Config.{name} is not a literal ({value}).")
+            raise UserError(f"{path}: T5Config.{name} is not a literal ({value}).")
         return value
 
     fields = {name: resolve(value, name) for name, value in fields.items()}
@@ -240,7 +241,7 @@ def from_gin_file(path: str, **overrides: Any) -> T5Config:
 
 def _from_size(family: str, sizes: Sequence[str], size: str, overrides: dict) -> T5Config:
     if size not in sizes:
-        raise ValueError(f"Unknown {family} size {size!r}; expected one of {sorted(sizes)}.")
+        raise UserError(f"Unknown {family} size {size!r}; expected one of {sorted(sizes)}.")
     return from_gin_file(f"models/{family}_{size}.gin", **overrides)
 
 

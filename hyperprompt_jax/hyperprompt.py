@@ -67,6 +67,7 @@ from flax.linen import partitioning as nn_partitioning
 from hyperprompt_jax import prompts
 from hyperprompt_jax import task_ids as task_ids_lib
 from hyperprompt_jax.config import T5Config
+from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
 PrefixKV = Tuple[Array, Array]
@@ -77,7 +78,7 @@ STACKS = ("encoder", "decoder")
 
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        raise UserError(f"{name} must be a positive int, got {value!r}.")
 
 
 def _fan_in_init(in_axis=-2, out_axis=-1, batch_axis=()) -> nn.initializers.Initializer:
@@ -337,7 +338,7 @@ class HyperPrompt(nn.Module):
         for name in ("num_tasks", "prompt_length", "bottleneck_dim"):
             _check_positive(f"HyperPrompt.{name}", getattr(self, name))
         if not callable(self.hypernetworks) or not hasattr(self.hypernetworks, "num_parameters"):
-            raise ValueError(
+            raise UserError(
                 "HyperPrompt.hypernetworks must be a HyperNetworks (hyperprompt.PerLayer(), "
                 f"PerLayer(per_task=True) or Global()), got {self.hypernetworks!r}."
             )
@@ -361,7 +362,7 @@ class HyperPrompt(nn.Module):
         """
         del deterministic  # No dropout on hyper-prompts.
         if stack not in STACKS:
-            raise ValueError(f"stack must be one of {STACKS}, got {stack!r}.")
+            raise UserError(f"stack must be one of {STACKS}, got {stack!r}.")
         ids = task_ids_lib.validate_task_ids(
             task_ids, self.num_tasks, batch_size=batch_size, module="HyperPrompt"
         )
@@ -407,7 +408,7 @@ def added_parameters(
     """
     if isinstance(hypernetworks, str):
         if hypernetworks not in VARIANTS:
-            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {hypernetworks!r}.")
+            raise UserError(f"variant must be one of {list(VARIANTS)}, got {hypernetworks!r}.")
         hypernetworks = VARIANTS[hypernetworks]
     prompts_ = num_tasks * prompt_length * config.emb_dim
     return prompts_ + hypernetworks.num_parameters(config, num_tasks, bottleneck_dim)

@@ -34,6 +34,7 @@ from flax import core as flax_core
 from flax import linen as nn
 
 from hyperprompt_jax import decoding, losses
+from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
 PyTree = Any
@@ -51,7 +52,7 @@ _OPTIONAL_INPUTS = (
 def _require(batch: Batch, keys: tuple[str, ...], method: str) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"EncoderDecoderModel.{method}: the batch lacks {missing}; it has {sorted(batch)}. "
             "Use seqio.EncDecFeatureConverter (t5x's feature names)."
         )
@@ -147,17 +148,17 @@ class EncoderDecoderModel:
             normalizing factor name.
         """
         if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
         if float(z_loss) < 0.0:
-            raise ValueError(f"z_loss must be >= 0, got {z_loss!r}.")
+            raise UserError(f"z_loss must be >= 0, got {z_loss!r}.")
         if float(consistency_weight) < 0.0:
-            raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight!r}.")
+            raise UserError(f"consistency_weight must be >= 0, got {consistency_weight!r}.")
         if isinstance(loss_normalizing_factor, str):
             loss_normalizing_factor = losses.convert_loss_normalizing_factor(
                 loss_normalizing_factor
             )
         if not callable(decode_fn):
-            raise ValueError(f"decode_fn must be callable, got {decode_fn!r}.")
+            raise UserError(f"decode_fn must be callable, got {decode_fn!r}.")
         self.module = module
         self.input_vocabulary = input_vocabulary
         self.output_vocabulary = output_vocabulary
@@ -447,11 +448,11 @@ class EncoderDecoderModel:
         """
         _require(batch, ("encoder_input_tokens", "decoder_input_tokens"), "predict_batch")
         if not isinstance(num_decodes, int) or num_decodes < 1:
-            raise ValueError(f"num_decodes must be a positive int, got {num_decodes!r}.")
+            raise UserError(f"num_decodes must be a positive int, got {num_decodes!r}.")
         decoder_params = dict(decoder_params or {})
         eos_id = decoder_params.pop("eos_id", getattr(self.output_vocabulary, "eos_id", None))
         if eos_id is None:
-            raise ValueError(
+            raise UserError(
                 "The output vocabulary has no eos_id; pass decoder_params={'eos_id': ...}."
             )
         encoder_tokens = batch["encoder_input_tokens"]
@@ -494,7 +495,7 @@ class EncoderDecoderModel:
         )
         if rng is not None:
             if decoder_params.get("decode_rng") is not None:
-                raise ValueError("Pass the decoding RNG either as `rng` or in decoder_params.")
+                raise UserError("Pass the decoding RNG either as `rng` or in decoder_params.")
             decoder_params["decode_rng"] = rng
         prompt = decoder_tokens if prompt_with_targets else jnp.zeros_like(decoder_tokens)
         sequences, scores = self.decode_fn(

@@ -218,15 +218,15 @@ def adafactor(
         outside its valid range (named in the message).
     """
     if decay_rate <= 0:
-        raise ValueError(f"adafactor decay_rate must be positive, got {decay_rate}.")
+        raise UserError(f"adafactor decay_rate must be positive, got {decay_rate}.")
     if clipping_threshold is not None and clipping_threshold <= 0:
-        raise ValueError(
+        raise UserError(
             f"adafactor clipping_threshold must be positive or None, got {clipping_threshold}."
         )
     if beta1 is not None and not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"adafactor beta1 must be in [0, 1) or None, got {beta1}.")
+        raise UserError(f"adafactor beta1 must be in [0, 1) or None, got {beta1}.")
     if weight_decay_rate is not None and not 0.0 <= weight_decay_rate < 1.0:
-        raise ValueError(
+        raise UserError(
             f"adafactor weight_decay_rate must be in [0, 1) or None, got {weight_decay_rate}."
         )
     if hf_semantics:
@@ -364,7 +364,7 @@ def _hf_decayed_weights(
 
     def update_fn(updates, state, params):
         if params is None:
-            raise ValueError("HF Adafactor's weight decay needs the parameters.")
+            raise UserError("HF Adafactor's weight decay needs the parameters.")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
 
         def one(u, p):

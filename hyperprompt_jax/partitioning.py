@@ -32,6 +32,8 @@ import numpy as np
 from flax.linen import partitioning as flax_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hyperprompt_jax.errors import UserError
+
 PyTree = Any
 LogicalRules = Sequence[Tuple[str, str | None]]
 
@@ -96,7 +98,7 @@ def standard_logical_axis_rules(
         ("parameter_partitioning_dims", parameter_partitioning_dims),
     ):
         if value not in (1, 2):
-            raise ValueError(f"{name} must be 1 or 2, got {value!r}.")
+            raise UserError(f"{name} must be 1 or 2, got {value!r}.")
     rules: list[Tuple[str, str | None]] = [
         ("batch", DATA_AXIS),
         ("vocab", MODEL_AXIS),
@@ -186,7 +188,7 @@ def logical_to_mesh_spec(logical: PartitionSpec, rules: LogicalRules) -> Partiti
     known = {name for name, _ in rules}
     for name in logical:
         if name is not None and name not in known:
-            raise ValueError(
+            raise UserError(
                 f"Logical axis {name!r} (in {logical}) has no partitioning rule; add "
                 f"({name!r}, None) to replicate it or ({name!r}, 'model') to split it, via "
                 "partitioning.Partitioner.logical_axis_rules. Known axes: "
@@ -222,7 +224,7 @@ class Partitioner:
         """
         devices = list(jax.devices() if devices is None else devices)
         if num_partitions < 1 or len(devices) % num_partitions:
-            raise ValueError(
+            raise UserError(
                 f"num_partitions={num_partitions} must be >= 1 and divide the number of "
                 f"devices ({len(devices)})."
             )
@@ -273,7 +275,7 @@ class Partitioner:
     def check_batch_size(self, batch_size: int) -> None:
         """Raises ValueError unless `batch_size` splits evenly over `data` and hosts."""
         if batch_size % self.data_size or batch_size % jax.process_count():
-            raise ValueError(
+            raise UserError(
                 f"BATCH_SIZE={batch_size} must be divisible by the data-parallel size "
                 f"({self.data_size}) and the number of processes ({jax.process_count()})."
             )

@@ -80,9 +80,9 @@ class PromptInit(Protocol):
 
 def _check_emb_dim(shape: Shape, embedding_table: Array | None, who: str) -> Array:
     if embedding_table is None:
-        raise ValueError(f"{who} needs the token embedding table; none was given.")
+        raise UserError(f"{who} needs the token embedding table; none was given.")
     if embedding_table.ndim != 2 or embedding_table.shape[-1] != shape[-1]:
-        raise ValueError(
+        raise UserError(
             f"{who}: embedding table {tuple(embedding_table.shape)} does not match the "
             f"prompt's emb_dim {shape[-1]} (prompt shape {tuple(shape)})."
         )
@@ -122,7 +122,7 @@ class SampledVocab:
 
     def __post_init__(self):
         if self.population_size <= 0:
-            raise ValueError(f"population_size must be positive, got {self.population_size}.")
+            raise UserError(f"population_size must be positive, got {self.population_size}.")
 
     def __call__(self, rng, shape, *, embedding_table=None):
         table = _check_emb_dim(shape, embedding_table, "SampledVocab")
@@ -158,9 +158,9 @@ class ClassLabels:
         if self.token_ids is not None:
             object.__setattr__(self, "token_ids", tuple(tuple(t) for t in self.token_ids))
         if self.token_ids is None and not self.labels:
-            raise ValueError("ClassLabels needs `labels` (with a vocabulary) or `token_ids`.")
+            raise UserError("ClassLabels needs `labels` (with a vocabulary) or `token_ids`.")
         if self.token_ids is None and self.vocabulary is None:
-            raise ValueError("ClassLabels got label strings but no `vocabulary` to encode them.")
+            raise UserError("ClassLabels got label strings but no `vocabulary` to encode them.")
 
     def _ids(self) -> list[list[int]]:
         if self.token_ids is not None:
@@ -169,7 +169,7 @@ class ClassLabels:
             ids = [_encode_label(self.vocabulary, label) for label in self.labels]
         for i, t in enumerate(ids):
             if not t:
-                raise ValueError(f"Class label {i} encodes to no tokens.")
+                raise UserError(f"Class label {i} encodes to no tokens.")
         return ids
 
     def __call__(self, rng, shape, *, embedding_table=None):
@@ -177,10 +177,10 @@ class ClassLabels:
         ids = self._ids()
         length = shape[-2]
         if len(ids) > length:
-            raise ValueError(f"{len(ids)} class labels do not fit in a prompt of length {length}.")
+            raise UserError(f"{len(ids)} class labels do not fit in a prompt of length {length}.")
         for t in ids:
             if max(t) >= table.shape[0] or min(t) < 0:
-                raise ValueError(f"Label token ids {t} out of range for vocab {table.shape[0]}.")
+                raise UserError(f"Label token ids {t} out of range for vocab {table.shape[0]}.")
         prompt = self.fallback(rng, shape, embedding_table=embedding_table)
         # A label split into several pieces is represented by the mean of their embeddings.
         label_rows = jnp.stack([table[jnp.asarray(t)].mean(axis=0) for t in ids])
@@ -231,15 +231,15 @@ class WeightedFiles:
     def __post_init__(self):
         object.__setattr__(self, "paths", tuple(self.paths))
         if not self.paths:
-            raise ValueError("WeightedFiles needs at least one prompt file.")
+            raise UserError("WeightedFiles needs at least one prompt file.")
         if self.weights is not None:
             weights = tuple(float(w) for w in self.weights)
             if len(weights) != len(self.paths):
-                raise ValueError(
+                raise UserError(
                     f"WeightedFiles got {len(weights)} weights for {len(self.paths)} files."
                 )
             if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"Weights must be non-negative with a positive sum: {weights}.")
+                raise UserError(f"Weights must be non-negative with a positive sum: {weights}.")
             object.__setattr__(self, "weights", weights)
 
     def __call__(self, rng, shape, *, embedding_table=None):
@@ -284,12 +284,12 @@ class Prefix:
 def check_prompt_length(length: Any, max_length: int | None, what: str = "prompt") -> None:
     """Validates a prompt length (and that it leaves room in `max_length`)."""
     if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
-        raise ValueError(f"The {what} length must be a positive int, got {length!r}.")
+        raise UserError(f"The {what} length must be a positive int, got {length!r}.")
     if max_length is not None:
         if not isinstance(max_length, int) or max_length <= 0:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}.")
+            raise UserError(f"max_length must be a positive int or None, got {max_length!r}.")
         if length >= max_length:
-            raise ValueError(
+            raise UserError(
                 f"A {what} of length {length} leaves no room for the inputs in an encoder "
                 f"length budget of max_length={max_length}; shorten the prompt or raise "
                 "max_length."
@@ -299,7 +299,7 @@ def check_prompt_length(length: Any, max_length: int | None, what: str = "prompt
 def check_inputs_fit(input_length: int, prompt_length: int, max_length: int | None) -> None:
     """Raises if `input_length + prompt_length` exceeds `max_length` (when set)."""
     if max_length is not None and input_length + prompt_length > max_length:
-        raise ValueError(
+        raise UserError(
             f"Inputs of length {input_length} plus a prompt of length {prompt_length} exceed "
             f"max_length={max_length}; set the inputs feature length to at most "
             f"{max_length - prompt_length}."
@@ -308,9 +308,9 @@ def check_inputs_fit(input_length: int, prompt_length: int, max_length: int | No
 
 def check_embedded(embedded: Array, mask: Array) -> None:
     if embedded.ndim != 3:
-        raise ValueError(f"Embedded inputs must be [batch, length, emb_dim], got {embedded.shape}.")
+        raise UserError(f"Embedded inputs must be [batch, length, emb_dim], got {embedded.shape}.")
     if mask.shape != embedded.shape[:2]:
-        raise ValueError(f"Mask {mask.shape} does not match embeddings {embedded.shape[:2]}.")
+        raise UserError(f"Mask {mask.shape} does not match embeddings {embedded.shape[:2]}.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ class SoftPrompt(InputHook, nn.Module):
         if self.num_tasks is not None and (
             not isinstance(self.num_tasks, int) or self.num_tasks <= 0
         ):
-            raise ValueError(f"num_tasks must be a positive int or None, got {self.num_tasks!r}.")
+            raise UserError(f"num_tasks must be a positive int or None, got {self.num_tasks!r}.")
         super().__post_init__()
 
     @nn.compact

@@ -83,6 +83,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hyperprompt_jax import layers, prompts
+from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -118,7 +119,7 @@ class LogitDropout:
 
     def __post_init__(self):
         if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"LogitDropout rate must be in [0, 1), got {self.rate}.")
+            raise UserError(f"LogitDropout rate must be in [0, 1), got {self.rate}.")
 
     def __call__(self, logits, rng):
         keep = jax.random.bernoulli(rng, 1.0 - self.rate, logits.shape)
@@ -165,11 +166,11 @@ class TopK:
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"TopK.k must be a positive int, got {self.k!r}.")
+            raise UserError(f"TopK.k must be a positive int, got {self.k!r}.")
 
     def __call__(self, logits, *, deterministic, rng):
         if self.k > logits.shape[-1]:
-            raise ValueError(f"TopK.k={self.k} exceeds the number of prompts {logits.shape[-1]}.")
+            raise UserError(f"TopK.k={self.k} exceeds the number of prompts {logits.shape[-1]}.")
         if not deterministic and self.noise is not None:
             logits = self.noise(logits, rng)
         probs = jax.nn.softmax(logits, axis=-1)
@@ -301,11 +302,11 @@ class SMoP(prompts.InputHook, nn.Module):
     def __post_init__(self):
         self._check_length()
         if not self.load_balancing_weight >= 0.0:
-            raise ValueError(
+            raise UserError(
                 f"load_balancing_weight must be >= 0, got {self.load_balancing_weight!r}."
             )
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
-            raise ValueError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
+            raise UserError(f"num_prompts must be a positive int, got {self.num_prompts!r}.")
         super().__post_init__()
 
     @nn.compact

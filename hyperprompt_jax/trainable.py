@@ -17,12 +17,14 @@ import jax
 from flax import traverse_util
 from flax.core import freeze
 
+from hyperprompt_jax.errors import UserError
+
 PyTree = Any
 
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
     if isinstance(patterns, str):
-        raise ValueError(
+        raise UserError(
             f"TRAINABLE_PATTERNS must be a list of regexes, got the string {patterns!r}; "
             f"write [{patterns!r}]."
         )
@@ -31,7 +33,7 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"Invalid regex {p!r} in TRAINABLE_PATTERNS: {e}") from e
+            raise UserError(f"Invalid regex {p!r} in TRAINABLE_PATTERNS: {e}") from e
     return compiled
 
 
@@ -72,7 +74,7 @@ def trainable_mask(params: PyTree, patterns: Sequence[str] | None, strict: bool 
             unused = [p.pattern for p in compiled if not any(p.fullmatch(k) for k in paths)]
             if unused:
                 some = ", ".join(sorted(paths)[:8])
-                raise ValueError(
+                raise UserError(
                     f"TRAINABLE_PATTERNS {unused} match no parameter. Paths look like: {some}, ..."
                 )
     nested = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flags.items()})
