@@ -215,9 +215,10 @@ def build_trainer(
     """A single-device `Trainer` from `model_gin` + `METHODS[method]` + `bindings`.
 
     Uses `hyperprompt_jax.plan.trainer_from_gin`, i.e. the same gin reading as
-    `python -m hyperprompt_jax.plan`; nothing is allocated until a step runs. Neither
-    task modules nor seqio are imported (the input shapes are written out), so the
-    process holds no TensorFlow (~700 MB of resident memory).
+    `python -m hyperprompt_jax.plan`; nothing is allocated until a step runs. The input
+    shapes are written out (no feature converter, no dataset), but the model gin's
+    vocabulary (the task package's T5 vocabulary) still imports seqio and with it
+    TensorFlow (~700 MB of resident memory).
     """
     from hyperprompt_jax import partitioning, plan
 

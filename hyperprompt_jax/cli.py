@@ -682,6 +682,7 @@ def set_process_index(index: int) -> None:
     """Records this process's index (after `jax.distributed` started)."""
     global _process_index
     _process_index = index
+    quiet_logging()  # Python warnings off on processes other than 0, now that it is known.
 
 
 def process_index() -> int:
