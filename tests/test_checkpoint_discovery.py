@@ -164,3 +164,27 @@ def test_t5x_model_dir_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
     assert os.path.isdir(newer)  # never deleted
     with pytest.raises(UserError, match="damaged or incomplete"):
         checkpoints.load_t5x_checkpoint(newer)  # given directly: no silent fallback
+
+
+def test_trainable_only_save_and_restore(tmp_path):
+    """With a backbone reference set, a checkpoint holds step, trainable tree and
+    optimizer state only, and the reference comes back on restore."""
+    import jax
+
+    model_dir = str(tmp_path / "run")
+    ref = checkpoints.BackboneRef("/backbone", 0, "abc", {"encoder/kernel": (1.0, 2.0)})
+    ckpt = checkpoints.Checkpointer(model_dir)
+    ckpt.set_backbone(ref)
+    ckpt.save(3, _state(3.0, 3))
+    ckpt.close()
+    step_dir = os.path.join(model_dir, "checkpoint_3")
+    stored = checkpoints.orbax_source.item_tree_shapes(os.path.join(step_dir, "default"))
+    assert {p[0] for p in stored} == {"step", "trainable", "opt_state"}
+
+    seen = []
+    ckpt = checkpoints.Checkpointer(model_dir)
+    restored = ckpt.restore_latest(_abstract(), check_fits=lambda d, t: seen.append(t))
+    ckpt.close()
+    assert seen == [True] and restored.backbone == ref and restored.data_position == 3
+    np.testing.assert_array_equal(restored.state["trainable"]["prompt"]["prompt"], np.full((4, 3), 3.0))
+    assert int(jax.device_get(restored.state["step"])) == 3

@@ -91,7 +91,7 @@ def fingerprint_source(
     """
     shapes = {n: (source.tensors[n].shape, dtypes[n]) for n in names}
     small = content_names(shapes)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     loaded = source.load({n: (cpu, dtypes[n]) for n in small})
     return names_hash(shapes), content_of({n: np.asarray(v) for n, v in loaded.items()})
 

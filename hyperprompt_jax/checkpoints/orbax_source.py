@@ -97,7 +97,7 @@ class OrbaxSource(WeightSource):
     def _read_slice(self, name: str):
         # Only for callers that want one slice; `load` restores many leaves at once.
         def read(index):
-            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
             array = self.load({name: (cpu, self.tensors[name].dtype)})[name]
             return np.asarray(array)[index]
 

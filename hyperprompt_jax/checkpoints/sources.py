@@ -133,7 +133,7 @@ def gathered(source: WeightSource, names: Optional[list] = None) -> Dict[str, np
     For small trees, tests and exporters; models load with `WeightSource.load`.
     """
     names = list(source.tensors) if names is None else list(names)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     loaded = source.load({name: (cpu, source.tensors[name].dtype) for name in names})
     return {name: np.asarray(array) for name, array in loaded.items()}
 

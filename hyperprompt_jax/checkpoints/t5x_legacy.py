@@ -37,7 +37,6 @@ from hyperprompt_jax.checkpoints.trees import (
 from hyperprompt_jax.config import T5Config
 from hyperprompt_jax.errors import UserError
 
-Params = Dict[str, Any]
 
 # t5x's checkpoint format version. Version 3 writes bfloat16 natively in TensorStore;
 # version 2 stored bfloat16 arrays as uint16 bit patterns.

@@ -34,7 +34,6 @@ import numpy as np
 from hyperprompt_jax.checkpoints import discovery, paths
 from hyperprompt_jax.checkpoints import backbone as backbone_lib
 from hyperprompt_jax.checkpoints.backbone import BackboneRef, read_step_metadata
-from hyperprompt_jax.checkpoints.sources import array_source
 from hyperprompt_jax.checkpoints.trees import flatten_params, unflatten_params
 from hyperprompt_jax.errors import UserError
 
@@ -345,16 +344,18 @@ def initial_state(trainer, checkpointer, initial_checkpoint_path, self_contained
         )
         state = trainer.init_state_from_params(source, source=initial_checkpoint_path)
         if frozen_names and not self_contained:
-            checkpointer.set_backbone(
-                _backbone_ref(trainer, frozen_names, source, initial_checkpoint_path)
+            abstract = trainer.abstract_params()
+            digest, content = backbone_lib.fingerprint_source(
+                source, frozen_names, {n: abstract[n].dtype for n in frozen_names}
             )
+            path = initial_checkpoint_path
+            path = path if "://" in path else os.path.abspath(path)
+            checkpointer.set_backbone(BackboneRef(path, trainer.seed, digest, content))
         return state
     state = trainer.init_state()
     if frozen_names and not self_contained:
-        frozen = flatten_params(state.frozen)
-        source = array_source(_host_small(frozen, frozen_names), "initialised backbone")
-        ref = _backbone_ref(trainer, frozen_names, source, None, all_names=frozen)
-        checkpointer.set_backbone(ref)
+        digest, content = _seeded_fingerprint(trainer, flatten_params(state.frozen), frozen_names)
+        checkpointer.set_backbone(BackboneRef(None, trainer.seed, digest, content))
     return state
 
 
@@ -373,25 +374,11 @@ def _host_small(flat: Mapping[str, Any], names: Sequence[str]) -> dict:
     return out
 
 
-def _backbone_ref(trainer, frozen_names, source, path, all_names=None):
-    """The `BackboneRef` of the frozen parameters as loaded from `source` (or `path`)."""
+def _seeded_fingerprint(trainer, flat: Mapping[str, Any], names: Sequence[str]):
+    """`(names_hash, content)` of a seed-initialised backbone's arrays `flat`."""
     abstract = trainer.abstract_params()
-    dtypes = {n: abstract[n].dtype for n in frozen_names}
-    if all_names is None:
-        digest, content = backbone_lib.fingerprint_source(source, frozen_names, dtypes)
-    else:  # initialised backbone: shapes from the model, content from the small arrays
-        shapes = {n: (tuple(abstract[n].shape), dtypes[n]) for n in frozen_names}
-        digest = backbone_lib.names_hash(shapes)
-        content = backbone_lib.content_of(
-            {n: source.tensors[n].read(tuple(slice(0, d) for d in source.tensors[n].shape))
-             for n in source.tensors}
-        )
-    path = None if path is None else _absolute(path)
-    return BackboneRef(path, trainer.seed, digest, content)
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    shapes = {n: (tuple(abstract[n].shape), abstract[n].dtype) for n in names}
+    return backbone_lib.names_hash(shapes), backbone_lib.content_of(_host_small(flat, names))
 
 
 def frozen_from_ref(trainer, ref, model_dir, names=None):
@@ -415,9 +402,7 @@ def frozen_from_ref(trainer, ref, model_dir, names=None):
     where = f"MODEL_DIR {model_dir}"
     if ref.path is None:
         flat = trainer.fresh_params(frozen_names)
-        shapes = {n: (tuple(abstract[n].shape), abstract[n].dtype) for n in frozen_names}
-        digest = backbone_lib.names_hash(shapes)
-        content = backbone_lib.content_of(_host_small(flat, frozen_names))
+        digest, content = _seeded_fingerprint(trainer, flat, frozen_names)
         if digest != ref.names_hash or {k: tuple(v) for k, v in content.items()} != {
             k: tuple(v) for k, v in ref.content.items()
         }:
