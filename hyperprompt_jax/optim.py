@@ -251,19 +251,36 @@ def adafactor(
             epsilon=epsilon1,
         )
     ]
+    chain += _scaled_step(
+        clipping_threshold, learning_rate, multiply_by_parameter_scale, epsilon2, beta1
+    )
+    if weight_decay_rate is not None:
+        # Added to the step before the sign flip: param - lr * u - wd * param.
+        chain.append(optax.add_decayed_weights(weight_decay_rate))
+    chain.append(optax.scale(-1.0))
+    return optax.chain(*chain)
+
+
+def _scaled_step(
+    clipping_threshold: float | None,
+    learning_rate: Union[float, Schedule],
+    multiply_by_parameter_scale: bool,
+    epsilon2: float,
+    beta1: float | None,
+) -> list[optax.GradientTransformation]:
+    """The part t5x's and HF's Adafactor share after the normalised update `u`:
+    clip RMS(u) at the threshold, times the learning rate, times max(RMS(param),
+    epsilon2), then momentum on that already-scaled step (no bias correction in either).
+    """
+    chain = []
     if clipping_threshold is not None:
         chain.append(optax.clip_by_block_rms(clipping_threshold))
     chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
     if multiply_by_parameter_scale:
         chain.append(optax.scale_by_param_block_rms(min_scale=epsilon2))
     if beta1 is not None:
-        # t5x averages the already learning-rate-scaled step (no bias correction).
         chain.append(optax.ema(beta1, debias=False))
-    if weight_decay_rate is not None:
-        # Added to the step before the sign flip: param - lr * u - wd * param.
-        chain.append(optax.add_decayed_weights(weight_decay_rate))
-    chain.append(optax.scale(-1.0))
-    return optax.chain(*chain)
+    return chain
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,13 +416,9 @@ def _hf_adafactor(
     beta1) u`, the step is m; then `p -= wd * lr_t * scale(p) * p` and `p -= step`.
     """
     chain = [_hf_scale_by_factored_rms(decay_rate, step_offset, epsilon1, factored)]
-    if clipping_threshold is not None:
-        chain.append(optax.clip_by_block_rms(clipping_threshold))
-    chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-    if multiply_by_parameter_scale:
-        chain.append(optax.scale_by_param_block_rms(min_scale=epsilon2))
-    if beta1 is not None:
-        chain.append(optax.ema(beta1, debias=False))
+    chain += _scaled_step(
+        clipping_threshold, learning_rate, multiply_by_parameter_scale, epsilon2, beta1
+    )
     if weight_decay_rate:
         chain.append(
             _hf_decayed_weights(

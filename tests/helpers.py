@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional, Tuple
 
 import jax
@@ -72,3 +74,14 @@ def decode_incrementally(
         logits, cache = step(encoded, cache, jnp.asarray(dec_in[:, t : t + 1], jnp.int32))
         steps.append(np.asarray(logits))
     return np.stack(steps, axis=1), cache
+
+
+def write_prompt_library(directory, prompts, metadata=None) -> str:
+    """A SPoT prompt library: `<name>.npy` per prompt, `<name>.json` for given metadata."""
+    os.makedirs(directory, exist_ok=True)
+    for name, p in prompts.items():
+        np.save(os.path.join(directory, f"{name}.npy"), p)
+        if metadata and name in metadata:
+            with open(os.path.join(directory, f"{name}.json"), "w") as f:
+                json.dump(metadata[name], f)
+    return str(directory)

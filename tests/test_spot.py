@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pytest
 from hyperprompt_jax import spot
 from hyperprompt_jax.errors import UserError
 from hyperprompt_jax.spot import cli
+from tests.helpers import write_prompt_library as _write_library
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,16 +55,6 @@ def _random_prompts(rng, lengths, emb_dim=16):
     # A shared offset makes the similarities non-trivial (not all near 0).
     offset = rng.normal(size=emb_dim)
     return [(rng.normal(size=(n, emb_dim)) + offset).astype(np.float32) for n in lengths]
-
-
-def _write_library(directory, prompts, metadata=None):
-    os.makedirs(directory, exist_ok=True)
-    for name, p in prompts.items():
-        np.save(os.path.join(directory, f"{name}.npy"), p)
-        if metadata and name in metadata:
-            with open(os.path.join(directory, f"{name}.json"), "w") as f:
-                json.dump(metadata[name], f)
-    return str(directory)
 
 
 # ----------------------------------------------------------------------------------------

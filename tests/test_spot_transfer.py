@@ -23,17 +23,7 @@ import pytest
 from hyperprompt_jax import spot
 from hyperprompt_jax.errors import UserError
 from hyperprompt_jax.spot import cli, mixtures, transfer
-
-
-def _write_library(directory, prompts, metadata=None):
-    os.makedirs(directory, exist_ok=True)
-    for name, p in prompts.items():
-        np.save(os.path.join(directory, f"{name}.npy"), p)
-        if metadata and name in metadata:
-            with open(os.path.join(directory, f"{name}.json"), "w") as f:
-                json.dump(metadata[name], f)
-    return str(directory)
-
+from tests.helpers import write_prompt_library as _write_library
 
 # ----------------------------------------------------------------------------------------
 # Export from orbax checkpoints
