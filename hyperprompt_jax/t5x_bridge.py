@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import clu.metrics as clu_metrics
-import gin
 import jax
 import jax.numpy as jnp
 import seqio.evaluation
@@ -50,6 +49,7 @@ from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
 from t5x import optimizers as t5x_optimizers
 
+import gin
 from hyperprompt_jax import config as hp_config
 from hyperprompt_jax import feature_converters, partitioning, trainable
 from hyperprompt_jax.errors import UserError
