@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -49,6 +50,8 @@ def _import_t5x() -> str | None:
     for path in reversed(_T5X_PATHS):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if importlib.util.find_spec("t5x") is None:
+        return "ModuleNotFoundError: No module named 't5x'"
     import jax.experimental.pjit as pjit_module
 
     # jestimator (a t5x dependency) imports PartitionSpec from where JAX no longer has it.
