@@ -49,6 +49,7 @@ from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
 from t5x import optimizers as t5x_optimizers
 
+import gin
 from hyperprompt_jax import config as hp_config
 from hyperprompt_jax import feature_converters, partitioning, trainable
 from hyperprompt_jax.errors import UserError
@@ -238,6 +239,20 @@ def trainable_optimizer(optimizer: Any, trainable_patterns: Sequence[str] | None
 
     traversal = traverse_util.ModelParamTraversal(selected)
     return t5x_optimizers.MultiOptimizer(((traversal, optimizer),))
+
+
+def train_steps() -> int:
+    """The run's `TRAIN_STEPS` gin macro, read when called (when a training run builds
+    its learning-rate schedule). A gin reference `%TRAIN_STEPS` would instead be checked
+    when gin is parsed, and t5x's eval and infer run files do not define the macro.
+
+    Raises:
+      UserError: if `TRAIN_STEPS` is not set.
+    """
+    try:
+        return gin.query_parameter("%TRAIN_STEPS")
+    except ValueError:
+        raise UserError("gin macro TRAIN_STEPS is not set; add --gin.TRAIN_STEPS=...") from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -49,6 +50,8 @@ def _import_t5x() -> str | None:
     for path in reversed(_T5X_PATHS):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if importlib.util.find_spec("t5x") is None:
+        return "ModuleNotFoundError: No module named 't5x'"
     import jax.experimental.pjit as pjit_module
 
     # jestimator (a t5x dependency) imports PartitionSpec from where JAX no longer has it.
@@ -125,35 +128,25 @@ network.T5Config:
 """
 
 PROMPT_LENGTH = 3
+_HYPERPROMPT = [
+    f"NUM_TASKS = {len(synthetic.TASK_NAMES)}",
+    "PROMPT_LENGTH = 2",
+    "BOTTLENECK_DIM = 4",
+    "LEARNING_RATE = 0.01",
+]
 # method -> (data, its own macros). SMoP's router noise is off (it draws from the
-# dropout RNG, which t5x and this package derive differently); its schedule warms up
-# over 2 steps so the first update is not a zero step.
+# dropout RNG, which t5x and this package derive differently); its schedule (warmup over
+# WARMUP_FRACTION of TRAIN_STEPS, then decay to zero) is the method's own.
 METHODS = {
     "prompt_tuning": ("hp_synthetic_first", [f"PROMPT_LENGTH = {PROMPT_LENGTH}"]),
     "spot": ("hp_synthetic_first", [f"PROMPT_LENGTH = {PROMPT_LENGTH}"]),
     "smop": (
         "hp_synthetic_first",
-        [
-            "NUM_PROMPTS = 2",
-            "PROMPT_LENGTH = 2",
-            "ROUTER_NOISE_STD = 0.0",
-            "WARMUP_STEPS = 2",
-            "LR_DECAY_PER_STEP = 0.1",
-        ],
+        ["NUM_PROMPTS = 2", "PROMPT_LENGTH = 2", "ROUTER_NOISE_STD = 0.0", "WARMUP_FRACTION = 0.4"],
     ),
-    **{
-        f"hyperprompt_{variant}": (
-            synthetic.MIXTURE_NAME,
-            [
-                f"NUM_TASKS = {len(synthetic.TASK_NAMES)}",
-                "PROMPT_LENGTH = 2",
-                "BOTTLENECK_DIM = 4",
-                "TASK_EMBED_DIM = 4",
-                "LEARNING_RATE = 0.01",
-            ],
-        )
-        for variant in ("share", "sep", "global")
-    },
+    "hyperprompt_share": (synthetic.MIXTURE_NAME, _HYPERPROMPT),
+    "hyperprompt_sep": (synthetic.MIXTURE_NAME, _HYPERPROMPT),
+    "hyperprompt_global": (synthetic.MIXTURE_NAME, [*_HYPERPROMPT, "TASK_EMBED_DIM = 4"]),
 }
 # Task used for eval / infer: task id 1 in the mixture, so decoding must carry a
 # non-zero task id for the multi-task methods.
