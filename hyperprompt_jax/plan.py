@@ -189,6 +189,15 @@ def parse_run_gin(
 
         data.import_task_modules()
     gin_utils.parse_gin(gin_files, gin_bindings, search_paths, finalize=False)
+    import gin
+
+    # Memory does not depend on the learning-rate schedule, but a schedule that follows
+    # the run's length (SMoP's warm-up fraction) needs a length to be built at all;
+    # runs/finetune.gin binds it to TRAIN_STEPS, a model + method file alone does not.
+    try:
+        gin.query_parameter("optim.create_learning_rate_scheduler.total_steps")
+    except ValueError:
+        gin.bind_parameter("optim.create_learning_rate_scheduler.total_steps", 1000)
 
 
 def gin_partitioning() -> tuple[Optional[int], list]:
