@@ -68,7 +68,8 @@ def load(path: str, mode: str, method: str, model: int) -> dict:
     import jax
     import numpy as np
 
-    from hyperprompt_jax import checkpoints, trainer as trainer_lib
+    from hyperprompt_jax import checkpoints
+    from hyperprompt_jax import trainer as trainer_lib
 
     trainer = _trainer(method, model)
     source_dir = checkpoints.find_t5x_checkpoint_dir(path)
@@ -166,8 +167,11 @@ def prompt_runs(workdir: str, ckpt: str) -> None:
         rows.append([name, f"{one:,}", f"{one / backbone:.4%}", f"{_du(model_dir):,}"])
     print(f"\nPrompt tuning T5.1.1-base (backbone checkpoint {backbone:,} bytes), "
           "4 steps, SAVE_PERIOD=2, KEEP=3:\n")  # fmt: skip
-    print(common.markdown_table(
-        ["checkpoints", "one checkpoint (bytes)", "of the backbone", "MODEL_DIR (bytes)"], rows))
+    print(
+        common.markdown_table(
+            ["checkpoints", "one checkpoint (bytes)", "of the backbone", "MODEL_DIR (bytes)"], rows
+        )
+    )
 
 
 def _child(args: list[str], env_extra: dict) -> dict:
@@ -240,10 +244,18 @@ def main() -> None:
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [
         subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--child=multihost",
-             f"--workdir={args.workdir}", f"--process={i}", f"--port={port}"],
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child=multihost",
+                f"--workdir={args.workdir}",
+                f"--process={i}",
+                f"--port={port}",
+            ],
             env=dict(os.environ, JAX_PLATFORMS="cpu", **two),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for i in range(2)
     ]

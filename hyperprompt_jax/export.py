@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
             "and/or a Hugging Face T5 directory."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="MODEL_DIR, checkpoint_<step>/, t5x or HF path")
+    parser.add_argument(
+        "--checkpoint", required=True, help="MODEL_DIR, checkpoint_<step>/, t5x or HF path"
+    )
     parser.add_argument("--t5x_dir", help="write <t5x_dir>/checkpoint_<step>/ (t5x format)")
     parser.add_argument("--hf_dir", help="write a Hugging Face T5 directory here")
     parser.add_argument(
@@ -89,9 +91,7 @@ def export(
             {n: v.shape for n, v in backbone.items()},
             tuple(mlp_activations) if mlp_activations else None,
         )
-        out["hf"] = checkpoints.save_hf_t5(
-            config, checkpoints.unflatten_params(backbone), hf_dir
-        )
+        out["hf"] = checkpoints.save_hf_t5(config, checkpoints.unflatten_params(backbone), hf_dir)
         if method:
             np.savez(os.path.join(hf_dir, "method_params.npz"), **{n: flat[n] for n in method})
     return out

@@ -514,7 +514,11 @@ class MemoryPlan:
                 f"   per host {gib(st['initial_host'])}",
                 f"  resume from a train checkpoint per device {gib(st['resume_device'])}"
                 f"   per host {gib(st['resume_host'])}"
-                + ("   (trainable-only: the backbone reloads as above)" if st["trainable_only"] else ""),
+                + (
+                    "   (trainable-only: the backbone reloads as above)"
+                    if st["trainable_only"]
+                    else ""
+                ),
                 f"  peak per device (step or start-up) {gib(self.peak_device_bytes)}",
             ]
         if self.compiled:

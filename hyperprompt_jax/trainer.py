@@ -323,7 +323,9 @@ class Trainer:
             out_shardings=self.layout.shardings.opt_state,
         )
         step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)
-        return TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_init(trainable))
+        return TrainState(
+            step=step, trainable=trainable, frozen=frozen, opt_state=opt_init(trainable)
+        )
 
     def init_state_from_params(self, loaded: Any, source: str) -> TrainState:
         """A train state whose backbone comes from `loaded` and method parameters are fresh.

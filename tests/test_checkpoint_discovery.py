@@ -97,7 +97,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="hyperprompt_jax"):
         restored = ckpt.restore_latest(_abstract(), check_fits=lambda d, t: None)
     assert restored is not None and restored.step == 1
-    np.testing.assert_array_equal(restored.state.trainable["prompt"]["prompt"], np.full((4, 3), 1.0))
+    np.testing.assert_array_equal(
+        restored.state.trainable["prompt"]["prompt"], np.full((4, 3), 1.0)
+    )
     np.testing.assert_array_equal(restored.state.opt_state["v"], np.full((4, 3), 2.0))
     # One warning names the skipped checkpoint and says it is kept.
     warnings = [
@@ -186,5 +188,7 @@ def test_trainable_only_save_and_restore(tmp_path):
     restored = ckpt.restore_latest(_abstract(), check_fits=lambda d, t: seen.append(t))
     ckpt.close()
     assert seen == [True] and restored.backbone == ref and restored.data_position == 3
-    np.testing.assert_array_equal(restored.state["trainable"]["prompt"]["prompt"], np.full((4, 3), 3.0))
+    np.testing.assert_array_equal(
+        restored.state["trainable"]["prompt"]["prompt"], np.full((4, 3), 3.0)
+    )
     assert int(jax.device_get(restored.state["step"])) == 3

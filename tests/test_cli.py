@@ -190,7 +190,6 @@ def test_warnings_only_from_process_zero(caplog):
     finally:
         cli.set_process_index(0)
     messages = [r.getMessage() for r in caplog.records]
-    import jax._src.monitoring as _m; print("MESSAGES", messages, [getattr(f, "__module__", f) for f in _m.get_scalar_listeners()], logging.getLogger().handlers, logging.getLogger("hyperprompt_jax").handlers)
     assert messages == ["a warning that matters", "an error of process 1"]
 
 

@@ -23,7 +23,6 @@ from hyperprompt_jax import config, count_params, hyperprompt, trainable
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-
 def t5_1_1_total(cfg: config.T5Config) -> int:
     """Closed-form parameter count of a T5.1.1 network (untied logits, GeGLU)."""
     e, kv, f = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim

@@ -32,7 +32,9 @@ BASE = [
 def _train(capsys, model_dir, steps, *flags) -> tuple[int, str]:
     from hyperprompt_jax import train
 
-    code = train.main([*BASE, f"--gin.MODEL_DIR={model_dir!r}", f"--gin.TRAIN_STEPS={steps}", *flags])
+    code = train.main(
+        [*BASE, f"--gin.MODEL_DIR={model_dir!r}", f"--gin.TRAIN_STEPS={steps}", *flags]
+    )
     return code, capsys.readouterr().err
 
 

@@ -40,7 +40,10 @@ def write_t5x_orbax(params, directory: str, step: int, save_dtype=None) -> str:
         item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True)},
         options=ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=True),
     )
-    state = {"target": target, "state": {"step": np.asarray(step, np.int32), "param_states": param_states}}
+    state = {
+        "target": target,
+        "state": {"step": np.asarray(step, np.int32), "param_states": param_states},
+    }
     manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
     manager.wait_until_finished()
     manager.close()

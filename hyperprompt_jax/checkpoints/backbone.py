@@ -52,7 +52,7 @@ class BackboneRef:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "BackboneRef":
+    def from_json(cls, data: Mapping[str, Any]) -> BackboneRef:
         return cls(
             path=data.get("path"),
             seed=int(data.get("seed", 0)),
@@ -99,7 +99,9 @@ def fingerprint_source(
 def _describe_mismatch(ref: BackboneRef, found_hash: str, found_content: Mapping) -> str:
     if ref.names_hash != found_hash:
         return "its parameter names, shapes or dtypes differ"
-    changed = sorted(n for n in ref.content if tuple(found_content.get(n, ())) != tuple(ref.content[n]))
+    changed = sorted(
+        n for n in ref.content if tuple(found_content.get(n, ())) != tuple(ref.content[n])
+    )
     return f"its values differ (e.g. {', '.join(changed[:3])})"
 
 
@@ -139,7 +141,9 @@ def open_train_checkpoint(step_dir: str) -> WeightSource:
     from hyperprompt_jax.checkpoints.orbax_source import OrbaxSource
 
     item = paths.join(step_dir, discovery.TRAIN_ITEM)
-    own = OrbaxSource(item, roots=("trainable", "frozen"), description=f"train checkpoint {step_dir}")
+    own = OrbaxSource(
+        item, roots=("trainable", "frozen"), description=f"train checkpoint {step_dir}"
+    )
     meta = read_step_metadata(step_dir)
     backbone = meta.get("backbone")
     if not backbone:

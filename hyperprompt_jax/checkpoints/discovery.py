@@ -191,9 +191,7 @@ def warn_skipped(skipped: List[Tuple[str, str]], chosen: Optional[str]) -> None:
     )
 
 
-def resolve(
-    path: str, *, what: str = "checkpoint", noun: str = "checkpoint"
-) -> Tuple[str, str]:
+def resolve(path: str, *, what: str = "checkpoint", noun: str = "checkpoint") -> Tuple[str, str]:
     """`(kind, directory)` for a checkpoint path as users give it.
 
     Args:

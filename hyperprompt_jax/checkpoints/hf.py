@@ -245,9 +245,7 @@ def _read_safetensors(path: str) -> Dict[str, Tensor]:
         if name == "__metadata__":
             continue
         if info.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise UserError(
-                f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}."
-            )
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}.")
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
         shape = tuple(int(d) for d in info["shape"])
@@ -257,9 +255,7 @@ def _read_safetensors(path: str) -> Dict[str, Tensor]:
                 f"{data_start + end}, the file has {size}."
             )
         if (end - begin) != math.prod(shape) * dtype.itemsize:
-            raise UserError(
-                f"{path}: tensor {name!r} byte range does not match its shape {shape}."
-            )
+            raise UserError(f"{path}: tensor {name!r} byte range does not match its shape {shape}.")
 
         def read(index, offset=data_start + begin, dtype=dtype, shape=shape):
             if not math.prod(shape):

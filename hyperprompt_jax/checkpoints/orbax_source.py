@@ -103,7 +103,9 @@ class OrbaxSource(WeightSource):
 
         return read
 
-    def load(self, targets: Mapping[str, Tuple[jax.sharding.Sharding, Any]]) -> Dict[str, jax.Array]:
+    def load(
+        self, targets: Mapping[str, Tuple[jax.sharding.Sharding, Any]]
+    ) -> Dict[str, jax.Array]:
         """Restores `{name: (sharding, dtype)}` with orbax: each process reads its shards."""
         import orbax.checkpoint as ocp
 

@@ -10,6 +10,7 @@ import os
 import re
 from typing import Any, Dict, List, Tuple
 
+
 def is_gcs(path: str) -> bool:
     return path.startswith("gs://")
 
@@ -76,7 +77,6 @@ def is_file(path: str) -> bool:
     bucket, key = split_gcs(path)
     store = ts().KvStore.open({"driver": "gcs", "bucket": bucket}).result()
     return store.read(key).result().state == "value"
-
 
 
 def isdir(path: str) -> bool:

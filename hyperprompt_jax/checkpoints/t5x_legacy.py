@@ -37,7 +37,6 @@ from hyperprompt_jax.checkpoints.trees import (
 from hyperprompt_jax.config import T5Config
 from hyperprompt_jax.errors import UserError
 
-
 # t5x's checkpoint format version. Version 3 writes bfloat16 natively in TensorStore;
 # version 2 stored bfloat16 arrays as uint16 bit patterns.
 T5X_CHECKPOINT_VERSION = 3
@@ -57,6 +56,7 @@ _DUMMY_BUCKET = "t5x-dummy-bucket"
 
 _MSGPACK_FILE = discovery.T5X_MSGPACK
 
+
 def find_t5x_checkpoint_dir(path: str) -> str:
     """Resolves a checkpoint directory, its `checkpoint` file, or a model directory.
 
@@ -74,8 +74,9 @@ def find_t5x_checkpoint_dir(path: str) -> str:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise UserError(f"Checkpoint path must be a string, got {path!r}.")
-    found, directory = discovery.resolve(os.fspath(path), what="t5x checkpoint path",
-                                         noun="t5x checkpoint")
+    found, directory = discovery.resolve(
+        os.fspath(path), what="t5x checkpoint path", noun="t5x checkpoint"
+    )
     if found not in (discovery.T5X, discovery.T5X_ORBAX):
         raise UserError(
             f"{path!r} is not a t5x checkpoint but a {found} checkpoint: expected a "
@@ -473,4 +474,3 @@ def save_t5x_checkpoint(
     if not gcs:
         os.rename(work_dir, final_dir)
     return final_dir
-

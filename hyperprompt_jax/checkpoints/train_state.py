@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from hyperprompt_jax.checkpoints import discovery, paths
 from hyperprompt_jax.checkpoints import backbone as backbone_lib
+from hyperprompt_jax.checkpoints import discovery, paths
 from hyperprompt_jax.checkpoints.backbone import BackboneRef, read_step_metadata
 from hyperprompt_jax.checkpoints.trees import flatten_params, unflatten_params
 from hyperprompt_jax.errors import UserError
@@ -210,9 +210,7 @@ class Checkpointer:
         )
         if skipped:
             self._move_aside(skipped)
-        discovery.warn_skipped(
-            [(p, f"{r}; moved to {self._aside(p)}") for p, r in skipped], chosen
-        )
+        discovery.warn_skipped([(p, f"{r}; moved to {self._aside(p)}") for p, r in skipped], chosen)
         return result[-1] if result else None
 
     def _aside(self, step_dir: str) -> str:
@@ -397,7 +395,9 @@ def frozen_from_ref(trainer, ref, model_dir, names=None):
     Raises:
       UserError: (one line) the backbone is gone, or differs from the fingerprint.
     """
-    frozen_names = sorted(names if names is not None else flatten_params(trainer.layout.abstract.frozen))
+    frozen_names = sorted(
+        names if names is not None else flatten_params(trainer.layout.abstract.frozen)
+    )
     abstract = trainer.abstract_params()
     where = f"MODEL_DIR {model_dir}"
     if ref.path is None:
@@ -447,31 +447,35 @@ def check_fits(trainer, step_dir: str, trainable_only: bool) -> None:
     except UserError:
         return  # unreadable metadata: damaged, found by the restore attempt
     abstract = trainer.layout.abstract
-    parts = ("trainable", "opt_state", "step") if trainable_only else (
-        "trainable", "frozen", "opt_state", "step")
+    parts = (
+        ("trainable", "opt_state", "step")
+        if trainable_only
+        else ("trainable", "frozen", "opt_state", "step")
+    )
     expected_params = {
         ("trainable",) + tuple(k.split("/")): v.shape
         for k, v in flatten_params(abstract.trainable).items()
     }
     if not trainable_only:
-        expected_params.update({
-            ("frozen",) + tuple(k.split("/")): v.shape
-            for k, v in flatten_params(abstract.frozen).items()
-        })
+        expected_params.update(
+            {
+                ("frozen",) + tuple(k.split("/")): v.shape
+                for k, v in flatten_params(abstract.frozen).items()
+            }
+        )
     stored_params = {p: s for p, (s, _) in stored.items() if p[0] in ("trainable", "frozen")}
     leaves = [abstract.step, abstract.trainable, abstract.opt_state] + (
-        [] if trainable_only else [abstract.frozen])
+        [] if trainable_only else [abstract.frozen]
+    )
     expected_shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(leaves))
     stored_shapes = sorted(s for p, (s, _) in stored.items() if p[0] in parts)
     if stored_params != expected_params or stored_shapes != expected_shapes:
-        differ = sorted(
-            "/".join(p) for p in set(stored_params) ^ set(expected_params)
-        ) or sorted("/".join(p) for p in stored_params if stored_params[p] != expected_params.get(p))
+        differ = sorted("/".join(p) for p in set(stored_params) ^ set(expected_params)) or sorted(
+            "/".join(p) for p in stored_params if stored_params[p] != expected_params.get(p)
+        )
         raise UserError(
             f"MODEL_DIR {os.path.dirname(step_dir)} holds {os.path.basename(step_dir)} of "
             "another model, method, optimizer or TRAINABLE_PATTERNS (parameters that differ: "
             f"{differ[:3] or 'optimizer state'}); use a new MODEL_DIR (or the gin files of "
             "that run)."
         )
-
-

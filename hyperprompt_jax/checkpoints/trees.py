@@ -18,6 +18,7 @@ from hyperprompt_jax.errors import UserError
 
 Params = Dict[str, Any]
 
+
 def flatten_params(tree: Mapping[str, Any], sep: str = "/") -> Dict[str, Any]:
     """`{'a': {'b': x}}` -> `{'a/b': x}` (leaves are anything that is not a mapping)."""
     flat: Dict[str, Any] = {}
@@ -125,7 +126,6 @@ def check_params_match(
     raise UserError("\n".join(parts))
 
 
-
 def config_from_shapes(
     shapes: Mapping[str, Tuple[int, ...]],
     mlp_activations: Tuple[str, ...] | None = None,
@@ -146,7 +146,9 @@ def config_from_shapes(
         inner = shapes["encoder/layers_0/attention/query/kernel"][1]
     except KeyError as e:
         raise UserError(f"Not a T5 parameter tree: {e.args[0]!r} is missing.") from None
-    layers = lambda stack: len({n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")})  # noqa: E731
+    layers = lambda stack: len(
+        {n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")}
+    )  # noqa: E731
     wi = sorted(n for n in shapes if n.startswith("encoder/layers_0/mlp/wi"))
     mlp_dim = shapes[wi[0]][1]
     if mlp_activations is None:

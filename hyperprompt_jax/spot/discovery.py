@@ -331,6 +331,7 @@ def _restore_leaf(checkpointer: Any, item_dir: str, tree: Any, path: Sequence[st
 
 # -- Validation scores ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class EvalScore:
     """A run's validation scores: the best, and the evaluated steps best-first.
