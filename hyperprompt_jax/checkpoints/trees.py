@@ -146,9 +146,9 @@ def config_from_shapes(
         inner = shapes["encoder/layers_0/attention/query/kernel"][1]
     except KeyError as e:
         raise UserError(f"Not a T5 parameter tree: {e.args[0]!r} is missing.") from None
-    layers = lambda stack: len(
-        {n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")}
-    )  # noqa: E731
+    def layers(stack: str) -> int:
+        return len({n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")})
+
     wi = sorted(n for n in shapes if n.startswith("encoder/layers_0/mlp/wi"))
     mlp_dim = shapes[wi[0]][1]
     if mlp_activations is None:
