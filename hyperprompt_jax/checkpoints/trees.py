@@ -146,6 +146,7 @@ def config_from_shapes(
         inner = shapes["encoder/layers_0/attention/query/kernel"][1]
     except KeyError as e:
         raise UserError(f"Not a T5 parameter tree: {e.args[0]!r} is missing.") from None
+
     def layers(stack: str) -> int:
         return len({n.split("/")[1] for n in shapes if n.startswith(f"{stack}/layers_")})
 
