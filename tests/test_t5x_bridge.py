@@ -86,6 +86,7 @@ from hyperprompt_jax.tasks import synthetic  # noqa: E402
 
 import gin  # noqa: E402
 from hyperprompt_jax import (  # noqa: E402
+    checkpoints,
     decoding,
     gin_utils,
     models,
@@ -364,6 +365,26 @@ def test_t5x_optimizer_state_for_every_method_parameter(run):
             np.testing.assert_allclose(params[path], initial[path], atol=1e-6, err_msg=path)
     if run.method == "spot":  # the prompt started from the source prompt
         assert not np.allclose(params["prompt/prompt"], initial["prompt/prompt"])
+
+
+def test_package_loads_the_checkpoints_t5x_train_wrote(run):
+    """What `t5x.train` writes (its Orbax format, the default) loads in this package:
+    `load_t5x_checkpoint`, the model directory as a checkpoint path (its newest
+    checkpoint), and SPoT's prompt export, with parameters equal to t5x's state."""
+    from hyperprompt_jax import spot
+
+    step_dir = os.path.join(run.model_dir, f"checkpoint_{STEPS}")
+    assert checkpoints.discovery.kind(step_dir) == checkpoints.discovery.T5X_ORBAX
+    expected = _flat(jax.device_get(run.state.params))
+    for path in (step_dir, run.model_dir):
+        loaded = _flat(checkpoints.load_t5x_checkpoint(path))
+        assert set(loaded) == set(expected), path
+        for name, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value), name)
+    if "prompt/prompt" in expected:  # prompt tuning and SPoT: a SPoT source as it is
+        got = spot.read_checkpoint_prompt(run.model_dir)
+        assert got.step == STEPS
+        np.testing.assert_array_equal(got.prompt, np.asarray(expected["prompt/prompt"]))
 
 
 def test_bridge_logits_equal_package_model_and_use_task_ids(run):
