@@ -307,22 +307,9 @@ def test_best_of_topk_runs_each_candidate_and_keeps_the_best(tmp_path):
 
 def test_topk_mixture_registration(tmp_path):
     import seqio
-    import tensorflow as tf
 
-    def register(name):
-        seqio.TaskRegistry.remove(name)
-        seqio.TaskRegistry.add(
-            name,
-            source=seqio.FunctionDataSource(
-                lambda split, shuffle_files: tf.data.Dataset.from_tensors({"inputs": "x", "targets": "y"}),
-                splits=("train", "validation"),
-                num_input_examples={"train": 10 if name.endswith("target") else 1000},
-            ),
-            output_features={},
-        )  # fmt: skip
-
-    for name in ("spot_test_target", "spot_test_near", "spot_test_mid", "spot_test_far"):
-        register(name)
+    names = ("spot_test_target", "spot_test_near", "spot_test_mid", "spot_test_far")
+    _register_toy_tasks(names, {n: 10 if n.endswith("target") else 1000 for n in names})
     rng = np.random.default_rng(7)
     target = rng.normal(size=(4, 8)).astype(np.float32) + 1
     prompts = {
