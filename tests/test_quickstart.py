@@ -22,13 +22,12 @@ from hyperprompt_jax import eval as eval_lib
 from hyperprompt_jax import infer as infer_lib
 from tests.test_resume import launcher_env
 
-STEPS, PERIOD, EXAMPLES = 20, 10, 16
+STEPS, PERIOD, EXAMPLES = 100, 50, 32
 SHORT = [
     f"--gin.TRAIN_STEPS={STEPS}",
     f"--gin.EVAL_PERIOD={PERIOD}",
     f"--gin.SAVE_PERIOD={PERIOD}",
-    "--gin.LOG_PERIOD=5",
-    "--gin.BATCH_SIZE=16",
+    "--gin.LOG_PERIOD=25",
     f"--gin.EVAL_NUM_EXAMPLES={EXAMPLES}",
 ]
 
@@ -54,11 +53,11 @@ def _jsonl(path) -> list[dict]:
 def test_model_directory_files(quickstart):
     _, model_dir, _ = quickstart
     names = set(os.listdir(model_dir))
-    assert {"checkpoint_10", "checkpoint_20", "train_metrics.jsonl", "eval_metrics.jsonl",
+    assert {f"checkpoint_{PERIOD}", f"checkpoint_{STEPS}", "train_metrics.jsonl", "eval_metrics.jsonl",
             "config.gin", "best_checkpoints.json"} <= names  # fmt: skip
     assert any(n.startswith("events.out.tfevents") for n in names)
     train_records = _jsonl(model_dir / "train_metrics.jsonl")
-    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    assert [r["step"] for r in train_records] == [25, 50, 75, 100]
     for r in train_records:
         assert {"step", "loss", "learning_rate", "examples_per_second", "accuracy"} <= set(r)
         assert r["learning_rate"] == pytest.approx(0.01)
@@ -66,9 +65,15 @@ def test_model_directory_files(quickstart):
     assert {(r["step"], r["task"]) for r in eval_records} == {
         (s, t) for s in (PERIOD, STEPS) for t in synthetic.TASK_NAMES
     }
-    assert all(0.0 <= r["accuracy"] <= 100.0 for r in eval_records)
+    # It learns: the smallest and largest letter of the same input are different
+    # answers, so only a model that uses the task ids gets both right. Without task
+    # conditioning the same network stays below 60% on each (docs/training.md); with
+    # HyperPrompt both are at 100% after 100 steps of the quickstart recipe.
+    final = {r["task"]: r["accuracy"] for r in eval_records if r["step"] == STEPS}
+    assert final["hp_synthetic_min"] >= 90.0 and final["hp_synthetic_max"] >= 90.0, final
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
     config = (model_dir / "config.gin").read_text()
-    assert "@hyperprompt.HyperPrompt()" in config and "TRAIN_STEPS = 20" in config
+    assert "@hyperprompt.HyperPrompt()" in config and f"TRAIN_STEPS = {STEPS}" in config
     best = json.loads((model_dir / "best_checkpoints.json").read_text())
     assert set(best) == set(synthetic.TASK_NAMES)
     for record in best.values():  # each task's best checkpoint is kept on disk
@@ -77,10 +82,10 @@ def test_model_directory_files(quickstart):
 
 def test_ends_with_a_per_task_score_table(quickstart):
     _, _, proc = quickstart
-    table = proc.stdout[proc.stdout.index("Per-task scores at step 20") :]
+    table = proc.stdout[proc.stdout.index(f"Per-task scores at step {STEPS}") :]
     for task in synthetic.TASK_NAMES:
         assert task in table
-    assert "step 20/20 | loss" in proc.stderr
+    assert f"step {STEPS}/{STEPS} | loss" in proc.stderr
 
 
 def test_eval_entry_point_reproduces_the_final_evaluation(quickstart, monkeypatch, capsys):
