@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from hyperprompt_jax import cli, launch
+from hyperprompt_jax import cli, gin_scan, launch
 
 ENTRIES = ["train", "eval", "infer", "plan", "count_params", "task_registry"]
 
@@ -135,7 +135,7 @@ def test_gin_scan_required_parameters_scopes_and_overrides(tmp_path):
         "train/m.Data.size = {'a': %Y,\n"
         "    'b': 2}  # a comment\n"
     )
-    scan = cli.GinScan([str(tmp_path)])
+    scan = gin_scan.GinScan([str(tmp_path)])
     scan.read_file("a.gin")
     # gin rejects every REQUIRED left anywhere (UNUSED too), so all are reported.
     assert scan.unset(["some.module.run"]) == (["X", "Y", "UNUSED", "m.Data.path"], [])
