@@ -31,7 +31,6 @@ from hyperprompt_jax import partitioning as partitioning_lib
 # Old names, for callers that imported the library from here.
 from hyperprompt_jax.evaluation import (  # noqa: F401
     SeqioEvaluation,
-    latest_train_checkpoint,
     load_for_inference,
     load_params,
     model_input_shapes,

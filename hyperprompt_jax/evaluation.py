@@ -267,17 +267,6 @@ def load_params(trainer: trainer_lib.Trainer, path: str) -> tuple[int, Any]:
     return step, checkpoints.unflatten_params(flat)
 
 
-def latest_train_checkpoint(path: str) -> str | None:
-    """`path` if it is a train checkpoint, else the newest intact one inside it, else None."""
-    from hyperprompt_jax import checkpoints
-
-    if checkpoints.is_train_checkpoint(path):
-        return path
-    _, chosen, skipped = checkpoints.newest_intact(path, kinds=(checkpoints.discovery.TRAIN,))
-    checkpoints.discovery.warn_skipped(skipped, chosen)
-    return chosen
-
-
 def model_input_shapes(
     converter: seqio.FeatureConverter, cfg: data.DatasetConfig
 ) -> dict[str, tuple[int, ...]]:

@@ -65,16 +65,12 @@ class MetricsWriter:
         self.chief = jax.process_index() == 0
         self._tb = metric_writers.SummaryWriter(model_dir) if self.chief else None
         self._start_time = time.time()
-        self._start_step: int | None = None
         self._window_time = time.time()
-        self._window_steps = 0
         self._eta_origin: tuple[float, int] | None = None  # (time, step) estimates start from
 
     def start(self, step: int) -> None:
         """Marks the step training starts (or resumes) from, for rates and estimates."""
-        self._start_step = step
         self._start_time = self._window_time = time.time()
-        self._window_steps = 0
         self._eta_origin = None
 
     def _append(self, name: str, record: Mapping[str, Any]) -> None:
@@ -191,9 +187,3 @@ def score_table(
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([title, line(header), sep, *[line(r) for r in rows]])
-
-
-def mean_scalar(metrics: Mapping[str, float], names: Sequence[str] | None = None) -> float:
-    """The task score used to pick its best checkpoint: the mean of its metrics."""
-    values = [float(v) for k, v in metrics.items() if names is None or k in names]
-    return float(np.mean(values)) if values else float("nan")

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -289,14 +289,6 @@ def restore_params(checkpoint_dir: str, param_shardings: PyTree) -> PyTree:
         )
     targets = {n: (shardings[n], source.tensors[n].dtype) for n in shardings}
     return unflatten_params(source.load(targets))
-
-
-def checkpoint_step(step_dir: str) -> Tuple[int, str]:
-    """`(step, dir)` of a `checkpoint_<step>` directory (UserError for other names)."""
-    step = discovery.parse_step(step_dir)
-    if step is None:
-        raise UserError(f"{step_dir!r} is not a checkpoint_<step> directory.")
-    return step, step_dir
 
 
 # ---------------------------------------------------------------------------------------
