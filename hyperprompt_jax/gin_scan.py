@@ -1,9 +1,10 @@
-"""Reads gin files as text, without importing gin, to find what is left `%gin.REQUIRED`.
+"""Reads gin files as text, without importing their configurables, to find what is
+left `%gin.REQUIRED`.
 
 `cli.preflight` uses it so that a command reports every missing setting at once, in
-well under a second, before TensorFlow / JAX / gin are imported. It understands the
-subset of gin this project's files use; anything else raises `Unreadable` and the
-check is left to gin itself.
+well under a second, before TensorFlow / JAX are imported (a real gin parse imports
+every module the files name). It understands the subset of gin this project's files
+use; anything else raises `Unreadable` and the check is left to gin itself.
 """
 
 from __future__ import annotations
