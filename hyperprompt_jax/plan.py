@@ -231,31 +231,12 @@ def _gin_batch_size() -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
-def unpacked_input_shapes(
-    batch_size: int, task_feature_lengths: Mapping[str, int]
-) -> dict[str, tuple[int, ...]]:
-    """The model features of unpacked encoder-decoder batches and their shapes.
-
-    What `data.default_feature_converter(pack=False)` produces (seqio's
-    `EncDecFeatureConverter` plus `task_ids`), written out so that callers that only
-    need shapes do not import seqio and TensorFlow.
-    """
-    inputs, targets = task_feature_lengths["inputs"], task_feature_lengths["targets"]
-    return {
-        "encoder_input_tokens": (batch_size, inputs),
-        "decoder_input_tokens": (batch_size, targets),
-        "decoder_target_tokens": (batch_size, targets),
-        "decoder_loss_weights": (batch_size, targets),
-        "task_ids": (batch_size,),
-    }
-
-
 def trainer_from_gin(
     partitioner: partitioning_lib.Partitioner,
     batch_size: int,
     task_feature_lengths: Mapping[str, int],
     trainable_patterns: Any = _FROM_GIN,
-    use_feature_converter: bool = True,
+    pack: bool | None = None,
 ) -> trainer_lib.Trainer:
     """A `Trainer` for the parsed gin's `MODEL`, method and optimiser (no weights made).
 
@@ -264,19 +245,19 @@ def trainer_from_gin(
       batch_size: global batch size.
       task_feature_lengths: e.g. `{'inputs': 512, 'targets': 8}`.
       trainable_patterns: default: the gin macro `TRAINABLE_PATTERNS` (unset = all).
-      use_feature_converter: take the input shapes from the feature converter `train`
-        uses (imports seqio); False: `unpacked_input_shapes` (the same shapes).
+      pack: the batches' layout (packed rows: `packing`); None: the gin macro `PACK`
+        (runs/finetune.gin), unpacked if unset.
 
     Raises:
       ValueError: a configuration error of the model, the method or the batch size.
     """
-    if use_feature_converter:
-        from hyperprompt_jax import data
+    from hyperprompt_jax import data
 
-        converter = data.default_feature_converter(pack=False)
-        shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
-    else:
-        shapes = unpacked_input_shapes(batch_size, task_feature_lengths)
+    if pack is None:
+        pack = bool(gin_utils.query_macro("PACK", False))
+    # The shapes the launcher's feature converter gives (prompt slots change no shape).
+    converter = data.default_feature_converter(pack=pack)
+    shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
     # The launchers' one factory: MODEL, the method's optimiser and schedule from gin.
     return trainer_lib.from_gin(
         shapes,

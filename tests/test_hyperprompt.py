@@ -90,8 +90,9 @@ def test_prefix_shapes_per_layer(variant):
     for stack, layers in (("encoder", 2), ("decoder", 3)):
         prefixes = hook.apply({"params": params}, IDS, config=CONFIG, stack=stack, batch_size=4)
         assert len(prefixes) == layers
-        for key, value in prefixes:
+        for key, value, bias in prefixes:
             assert key.shape == value.shape == (4, P, CONFIG.num_heads, CONFIG.head_dim)
+            assert bias is None  # unpacked rows: every query sees its row's prefix
             assert np.abs(np.asarray(key) - np.asarray(value)).max() > 0  # separate nets
 
 
@@ -153,7 +154,7 @@ def test_zero_up_projection_gives_zero_prefixes():
         prefixes = hook.apply(
             {"params": params["hyperprompt"]}, IDS, config=CONFIG, stack=stack, batch_size=4
         )
-        for key, value in prefixes:
+        for key, value, _ in prefixes:
             np.testing.assert_array_equal(key, 0.0)
             np.testing.assert_array_equal(value, 0.0)
     # ... which do not vanish: the network differs from the base model.
