@@ -360,6 +360,8 @@ class _TrainLoop:
         self.self_contained = self_contained
         self.evaluation = None
         if eval_dataset_cfg is not None:  # Built first: bad eval data fails before training.
+            if getattr(converter, "pack", False):  # Evaluation decodes one example per row.
+                converter = data.default_feature_converter(num_tasks=num_tasks)
             self.evaluation = evaluation_lib.SeqioEvaluation(
                 eval_dataset_cfg,
                 converter,
