@@ -68,7 +68,11 @@ class EncDecTaskIdFeatureConverter(seqio.EncDecFeatureConverter):
             raise UserError(
                 f"default_task_id must be a non-negative int or None, got {default_task_id!r}."
             )
-        if not isinstance(prompt_length, int) or isinstance(prompt_length, bool) or prompt_length < 0:
+        if (
+            not isinstance(prompt_length, int)
+            or isinstance(prompt_length, bool)
+            or prompt_length < 0
+        ):
             raise UserError(f"prompt_length must be an int >= 0, got {prompt_length!r}.")
         if num_tasks is not None and num_tasks < 1:
             raise UserError(f"num_tasks must be >= 1, got {num_tasks}.")

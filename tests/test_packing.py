@@ -12,12 +12,11 @@ task prefix would change that example's loss.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import jax
-import jax.numpy as jnp
 
 from hyperprompt_jax import feature_converters, hyperprompt, models, network, packing, prompts, smop
 from hyperprompt_jax.config import T5Config
@@ -83,7 +82,11 @@ def _per_example_losses(logits, batch):
         return token.sum(-1)
     segments = np.asarray(batch["decoder_segment_ids"])
     return np.array(
-        [token[r][segments[r] == s].sum() for r in range(len(token)) for s in range(1, segments[r].max() + 1)]
+        [
+            token[r][segments[r] == s].sum()
+            for r in range(len(token))
+            for s in range(1, segments[r].max() + 1)
+        ]
     )
 
 
@@ -144,9 +147,7 @@ def test_packed_rows_give_every_example_its_unpacked_loss_and_gradients(method, 
         logits = model._compute_logits(params, batch)
         # Training mode (dropout is 0, SMoP's routing noise-free): its load-balancing
         # loss is computed over the examples in both layouts.
-        (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-            params, batch, rng
-        )
+        (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, batch, rng)
         return logits, loss, metrics, grads
 
     logits_p, loss_p, metrics_p, grads_p = run(packed)
@@ -173,10 +174,16 @@ def test_packed_rows_give_every_example_its_unpacked_loss_and_gradients(method, 
 def test_packed_converter_layout():
     """seqio's packing plus a task id per position and prompt slots before each input."""
     examples = [
-        {"inputs": np.array([7, 8, 1], np.int32), "targets": np.array([3, 1], np.int32),
-         "task_id": np.int32(2)},
-        {"inputs": np.array([9, 1], np.int32), "targets": np.array([4, 5, 1], np.int32),
-         "task_id": np.int32(1)},
+        {
+            "inputs": np.array([7, 8, 1], np.int32),
+            "targets": np.array([3, 1], np.int32),
+            "task_id": np.int32(2),
+        },
+        {
+            "inputs": np.array([9, 1], np.int32),
+            "targets": np.array([4, 5, 1], np.int32),
+            "task_id": np.int32(1),
+        },
     ]
     row = {k: np.asarray(v[0]) for k, v in _batch(examples, pack=True, prompt_length=2).items()}
     slot = packing.PROMPT_SLOT_ID
@@ -193,7 +200,7 @@ def test_packed_converter_layout():
 def test_packed_rows_without_prompt_slots_become_nan_not_wrong():
     """Rows packed without slots (a converter built for another prompt length) would
     lose each example's first tokens to the prompt: the model makes them NaN, and the
-    launcher refuses the mismatch before compiling (`test_train_refuses_...`)."""
+    launcher refuses the mismatch before compiling (`test_train_refuses_a_converter_...`)."""
     module = METHODS["prompt_tuning"]()
     model = models.EncoderDecoderModel(module, None, None)
     batch = _batch(_examples(4), pack=True, prompt_length=0)
@@ -232,3 +239,19 @@ def test_out_of_range_task_id_of_a_packed_position_is_nan_under_jit():
     logits = jax.jit(model._compute_logits)(params, batch)
     first = np.asarray(batch["decoder_segment_ids"][0]) == 1
     assert np.isnan(np.asarray(logits)[0][first]).all()
+
+
+def test_train_refuses_a_converter_with_other_prompt_slots():
+    """The launcher checks the packed converter against the model before compiling."""
+    from hyperprompt_jax import train
+
+    model = models.EncoderDecoderModel(METHODS["smop"](), None, None)
+    assert model.input_prompt_length == 2
+    wrong = feature_converters.EncDecTaskIdFeatureConverter(pack=True, prompt_length=3)
+    with pytest.raises(UserError, match="2 positions; build it with prompt_length=2"):
+        train._check_prompt_slots(wrong, model)
+    train._check_prompt_slots(
+        feature_converters.EncDecTaskIdFeatureConverter(pack=True, prompt_length=2), model
+    )
+    # Unpacked rows have no slots: the model prepends its prompt.
+    train._check_prompt_slots(feature_converters.EncDecTaskIdFeatureConverter(), model)
