@@ -3,7 +3,8 @@
 Only process 0 writes. Files in the model directory (DESIGN.md, public contract):
 
 * `train_metrics.jsonl`: one JSON object per logged step: `step`, `loss`,
-  `learning_rate`, `examples_per_second`, plus the model's metrics (`accuracy`,
+  `learning_rate`, `examples_per_second` and `target_tokens_per_second` (real
+  examples and non-padding targets, packed or not), plus the model's metrics (`accuracy`,
   `z_loss`, `grad_norm`, ...) and sown statistics (SMoP: `prompt/router_probs/...`,
   `prompt/prompt_fraction/<i>`, `prompt/mean_max_prob`), averaged over the steps since
   the previous line.
@@ -55,7 +56,8 @@ class MetricsWriter:
     Args:
       model_dir: the run's directory.
       total_steps: the step the run ends at (for the time estimate).
-      batch_size: global examples per step.
+      batch_size: global rows per step (examples per step when the metrics have no
+        `num_examples`, the model's count, which packed rows need).
     """
 
     def __init__(self, model_dir: str, total_steps: int, batch_size: int):
@@ -93,10 +95,14 @@ class MetricsWriter:
         """
         now = time.time()
         elapsed = max(now - self._window_time, 1e-9)
-        examples_per_second = num_steps * self.batch_size / elapsed
+        # The model counts examples (several per packed row); rows otherwise.
+        examples = metrics.get("num_examples", self.batch_size)
+        examples_per_second = num_steps * float(examples) / elapsed
         self._window_time = now
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         record["examples_per_second"] = examples_per_second
+        if "num_tokens" in metrics:
+            record["target_tokens_per_second"] = num_steps * float(metrics["num_tokens"]) / elapsed
         self._append(TRAIN_METRICS_FILE, record)
         if self._tb is not None:
             self._tb.write_scalars(
