@@ -19,9 +19,9 @@ Where (first that applies):
 is one warning line, and the run continues without the cache. Deleting the directory
 is always safe: the next run compiles and fills it again. JAX's key of an entry covers
 the program, jaxlib's version, the backend, the devices, the compile options and
-`XLA_FLAGS`, so a changed model, method, batch or mesh is a new entry, never a wrong one
-(on a CPU whose instruction set differs from the writer's, XLA refuses the entry and
-JAX recompiles, with a warning).
+`XLA_FLAGS`, so a changed model, method, batch or mesh is a new entry, never a wrong one.
+The key does not name the CPU model: XLA:CPU checks an entry's CPU features when it
+loads it, and JAX turns a failed load into a warning and a fresh compilation.
 
 Importing this module changes nothing; only `enable` does (the entry points call it
 after gin is parsed and `jax.distributed` started, before the first compilation).
