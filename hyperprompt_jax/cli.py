@@ -23,7 +23,8 @@ above its TensorFlow / JAX imports. `preflight` then, in well under a second:
   harmless absl warnings, and warnings of processes other than 0.
 
 `launch.run` calls `watch_compilation()`, which prints `compiling the train step...`
-and the time it took (also for the evaluation and decoding steps), and `error_line`,
+and the time it took (also for the evaluation and decoding steps; `(from the
+compilation cache)` when XLA's part was read back, see `compilation_cache`), and `error_line`,
 which turns an exception into the one line users see.
 
 This module imports only the standard library at import time (gin and JAX are
@@ -240,6 +241,10 @@ _ENVIRONMENT = (
     (EXTRA_FLAGS_ENV, "flags appended to gin commands (e.g. --gin.TRAIN_STEPS=40)"),
     ("HYPERPROMPT_VOCAB", "local SentencePiece model for every T5 vocabulary (offline runs)"),
     ("TFDS_DATA_DIR", "where prepared TFDS datasets are read"),
+    (
+        "HYPERPROMPT_COMPILATION_CACHE",
+        "XLA compilation cache (~/.cache/hyperprompt_jax/xla; 'off': none)",
+    ),
     ("TF_CPP_MIN_LOG_LEVEL", "0 shows TensorFlow's C++ start-up lines (hidden by default)"),
 )
 
@@ -567,7 +572,11 @@ COMPILED_STEPS = {
 
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# Recorded inside the compile event's window when XLA's work came from the persistent
+# cache (`compilation_cache`); the next compile event is the one it belongs to.
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _started: dict[str, float] = {}
+_cache_hit = False
 _watching = False
 
 
@@ -580,24 +589,42 @@ def _on_start(event: str, value: float, **kwargs) -> None:
             logger.info("compiling %s...", COMPILED_STEPS[name])
 
 
+def _on_event(event: str, **kwargs) -> None:
+    del kwargs
+    global _cache_hit
+    if event == _CACHE_HIT_EVENT:
+        _cache_hit = True
+
+
 def _on_duration(event: str, duration: float, **kwargs) -> None:
     del duration
+    global _cache_hit
+    if event != _COMPILE_EVENT:
+        return
+    from_cache, _cache_hit = _cache_hit, False
     name = str(kwargs.get("fun_name", ""))
     name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
-    if event == _COMPILE_EVENT and name in _started:
+    if name in _started:
         elapsed = time.time() - _started.pop(name)
         if process_index() == 0:
-            logger.info("compiled %s in %.1f s", COMPILED_STEPS[name], elapsed)
+            logger.info(
+                "compiled %s in %.1f s%s",
+                COMPILED_STEPS[name],
+                elapsed,
+                " (from the compilation cache)" if from_cache else "",
+            )
 
 
 def watch_compilation() -> None:
-    """Logs `compiling the train step...` and its duration (also eval / decoding steps)."""
+    """Logs `compiling the train step...` and its duration (also eval / decoding steps),
+    and whether XLA's part came from the persistent compilation cache."""
     global _watching
     if _watching:
         return
     import jax.monitoring
 
     jax.monitoring.register_scalar_listener(_on_start)
+    jax.monitoring.register_event_listener(_on_event)
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     _watching = True
 

@@ -178,7 +178,7 @@ def flags_to_gin(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
 
 
 # Macros read by code (`gin_utils.query_macro`) rather than by a gin binding.
-CODE_MACROS = ("TRAINABLE_PATTERNS",)
+CODE_MACROS = ("TRAINABLE_PATTERNS", "COMPILATION_CACHE_DIR")
 
 
 def _macro_references(value, out: set) -> None:

@@ -2,7 +2,8 @@
 
 It does only what every entry point needs: split the t5x-style flags, parse the gin
 files (found by relative name from any directory) and bindings, start
-`jax.distributed` on multi-process setups, configure logging, and call the entry's
+`jax.distributed` on multi-process setups, configure logging, turn on the persistent
+compilation cache (`compilation_cache`), and call the entry's
 gin-configured function (`train.train`, `eval.evaluate`, `infer.infer`), which does the
 real work. `report_errors` is the one place an entry point turns exceptions into exit
 codes: a `errors.UserError` (bad gin, unknown task, unwritable directory, weights that
@@ -27,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
-from hyperprompt_jax import cli, errors, gin_utils
+from hyperprompt_jax import cli, compilation_cache, errors, gin_utils
 from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
@@ -230,6 +231,7 @@ def run(argv: Sequence[str] | None, entry: str, module_name: str) -> int:
         check_macro_bindings(bindings)
         initialize_distributed()
         cli.set_process_index(jax.process_index())
+        compilation_cache.enable(compilation_cache.gin_setting())
         cli.watch_compilation()
         # gin's dynamic registration configures a wrapper, not the module attribute.
         gin.get_configurable(getattr(module, entry))()

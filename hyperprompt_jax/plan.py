@@ -59,7 +59,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from hyperprompt_jax import errors, gin_utils
+from hyperprompt_jax import compilation_cache, errors, gin_utils
 from hyperprompt_jax import partitioning as partitioning_lib
 from hyperprompt_jax import trainer as trainer_lib
 from hyperprompt_jax.errors import UserError
@@ -509,8 +509,13 @@ class MemoryPlan:
                 if "extrapolated_from_layers" in c
                 else "full depth"
             )
+            took = (
+                "read from the compilation cache"
+                if c.get("from_cache")
+                else f"{c['compile_seconds']:.0f} s"
+            )
             lines += [
-                f"compiled on {c['devices']} fake CPU devices ({how}, {c['compile_seconds']:.0f} s), "
+                f"compiled on {c['devices']} fake CPU devices ({how}, {took}), "
                 "XLA:CPU per-device memory analysis:",
                 f"  arguments (parameters + optimizer + batch) {gib(c['argument_bytes'])}"
                 f"   plan: {gib(self.param_bytes + self.optimizer_bytes)} + batch",
@@ -708,16 +713,33 @@ def plan_memory(
 
 
 def compiled_memory(trainer: trainer_lib.Trainer) -> dict:
-    """XLA's per-device memory analysis of `trainer`'s compiled train step (real mesh)."""
+    """XLA's per-device memory analysis of `trainer`'s compiled train step (real mesh).
+
+    `from_cache` says whether the executable was read from the persistent compilation
+    cache (`compile_seconds` is then the time to trace the step and read it back).
+    """
     import time
 
-    start = time.perf_counter()
-    compiled = trainer.compiled_train_step()
-    seconds = time.perf_counter() - start
+    import jax.monitoring
+
+    hits = []
+
+    def count_hit(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(count_hit)
+    try:
+        start = time.perf_counter()
+        compiled = trainer.compiled_train_step()
+        seconds = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_listener(count_hit)
     m = compiled.memory_analysis()
     out = {
         "devices": trainer.partitioner.data_size * trainer.partitioner.model_size,
         "compile_seconds": seconds,
+        "from_cache": bool(hits),
         "argument_bytes": int(m.argument_size_in_bytes),
         "output_bytes": int(m.output_size_in_bytes),
         "alias_bytes": int(m.alias_size_in_bytes),
@@ -902,6 +924,7 @@ def verify_by_depth(argv: Sequence[str], devices: int, num_layers: int) -> dict:
     out = {
         "devices": devices,
         "compile_seconds": small["compile_seconds"] + large["compile_seconds"],
+        "from_cache": small.get("from_cache", False) and large.get("from_cache", False),
     }
     for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
         slope = (large[key] - small[key]) / (hi - lo)
@@ -935,6 +958,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parse_run_gin(files, bindings, paths)
         s = resolve_settings(flags)
         if "compiled_json" in flags:
+            compilation_cache.enable(compilation_cache.gin_setting())
             devices = jax.devices()
             if len(devices) < s["data"] * s["model"]:
                 raise UserError(f"Only {len(devices)} devices for the mesh.")

@@ -3,16 +3,45 @@
 The fixtures folder is `$HYPERPROMPT_FIXTURES`, or `shared/fixtures` next to the
 repository root (`<repo>/../shared/fixtures`). Tests that need it skip, with a message
 naming the folder, only where it is truly absent.
+
+The XLA compilation cache of every launcher the tests start (in-process or in a
+subprocess, which inherits the environment) is a temporary directory, never the
+user's `~/.cache`: `$HYPERPROMPT_COMPILATION_CACHE` is set for the session (kept if
+it is `off` or empty, which runs the tests without the cache).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _test_compilation_cache() -> str:
+    """`<tmp>/hyperprompt_jax_test_xla_cache_<uid>`, shared by this user's test sessions.
+
+    Entries are keyed by the program, the versions and the flags, so a stale one is
+    never used wrongly, and the subprocess tests that compile the same steps (the
+    quickstart's) reuse them across tests and sessions. The cache is trusted code: a
+    directory someone else owns is not used (a fresh one is made instead).
+    """
+    path = os.path.join(tempfile.gettempdir(), f"hyperprompt_jax_test_xla_cache_{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_uid == os.getuid():
+            return path
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix="hyperprompt_jax_test_xla_cache_")
+
+
+_CACHE_SETTING = os.environ.get("HYPERPROMPT_COMPILATION_CACHE")
+if _CACHE_SETTING is None or _CACHE_SETTING.strip().lower() not in ("off", ""):
+    os.environ["HYPERPROMPT_COMPILATION_CACHE"] = _test_compilation_cache()
 
 
 def fixtures_dir() -> pathlib.Path:
