@@ -10,6 +10,11 @@ methods need:
   below is t5x's class with `task_ids [batch]` forwarded to every call of the network
   (training and eval logits, scoring, parameter init, the decoding cache and every
   decoding step), and `EncDecTaskIdFeatureConverter` as its feature converter.
+* Packing (t5x's run files pack training and train_eval data). Packed rows carry
+  per-position `encoder_task_ids` / `decoder_task_ids` (forwarded by the loss path;
+  decoding never packs), and for a model with an input prompt every packed example
+  needs prompt slots: the model's `FEATURE_CONVERTER_CLS` is the converter with
+  `prompt_length` bound to the network's input prompt length (`packing`).
 * Optimizer state. t5x's Adafactor needs a factorization rule for every logical axis
   name of a parameter of rank 3 or more; `standard_logical_factor_rules()` is t5x's
   table plus `METHOD_FACTOR_RULES`. `trainable_optimizer` freezes everything outside
@@ -35,7 +40,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import clu.metrics as clu_metrics
@@ -51,7 +57,7 @@ from t5x import optimizers as t5x_optimizers
 
 import gin
 from hyperprompt_jax import config as hp_config
-from hyperprompt_jax import feature_converters, partitioning, trainable
+from hyperprompt_jax import feature_converters, packing, partitioning, trainable
 from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
@@ -71,27 +77,68 @@ def _rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
     return None
 
 
-class _TaskIdModule:
-    """Stands in for the network: forwards everything, adds `task_ids` to `init`/`apply`.
+def input_prompt_length(module: Any) -> int:
+    """Prompt positions the network's input hook puts in front of every example (0:
+    none): the prompt slots a packed example needs (`packing`)."""
+    return int(getattr(getattr(module, "prompt", None), "length", 0) or 0)
 
-    t5x calls the network with the batch's rows (`[batch, ...]`) or, while decoding,
-    with `num_decodes` copies of each row laid out batch-major (`[e0, e0, e1, e1, ...]`,
-    `decoding.flat_batch_beam_expand`); the task ids are repeated to match.
+
+def converter_with_prompt_slots(
+    converter_cls: Callable[..., Any], prompt_length: int
+) -> Callable[..., Any]:
+    """`converter_cls` with `prompt_length` bound when the model has an input prompt.
+
+    t5x builds converters as `FEATURE_CONVERTER_CLS(pack=..., use_custom_packing_ops=...)`
+    (training data) and `FEATURE_CONVERTER_CLS(pack=False)` (evaluation, inference);
+    packed rows then get `prompt_length` slots per example, unpacked rows ignore it.
+    """
+    if not prompt_length:
+        return converter_cls
+    return functools.partial(converter_cls, prompt_length=prompt_length)
+
+
+def _init_task_ids(input_shapes: Mapping[str, Sequence[int]]) -> dict[str, Array]:
+    """Zero task ids for parameter init: `task_ids [batch]` for unpacked shapes, per
+    position (`encoder_task_ids [batch, L_in]`, `decoder_task_ids [batch, L_out]`) for
+    packed ones (with `encoder_segment_ids`). Their values do not matter for init."""
+    if "encoder_segment_ids" in input_shapes:
+        return {
+            packing.ENCODER_TASK_IDS: jnp.zeros(input_shapes["encoder_input_tokens"], jnp.int32),
+            packing.DECODER_TASK_IDS: jnp.zeros(input_shapes["decoder_input_tokens"], jnp.int32),
+        }
+    return {"task_ids": jnp.zeros((input_shapes["encoder_input_tokens"][0],), jnp.int32)}
+
+
+_TASK_ID_SHAPES = ("task_ids", packing.ENCODER_TASK_IDS, packing.DECODER_TASK_IDS)
+
+
+class _TaskIdModule:
+    """Stands in for the network: forwards everything, adds task ids to `init`/`apply`.
+
+    Unpacked rows: `task_ids [batch]`. t5x calls the network with the batch's rows
+    (`[batch, ...]`) or, while decoding, with `num_decodes` copies of each row laid out
+    batch-major (`[e0, e0, e1, e1, ...]`, `decoding.flat_batch_beam_expand`); the task
+    ids are repeated to match. Packed rows (training and eval losses only):
+    `encoder_task_ids [batch, L_in]` and `decoder_task_ids [batch, L_out]`, passed as
+    they are.
     """
 
-    def __init__(self, module: Any, task_ids: Array):
+    def __init__(self, module: Any, task_ids: Mapping[str, Array]):
         self._module = module
-        self._task_ids = task_ids
+        self._task_ids = dict(task_ids)
 
     def __getattr__(self, name: str) -> Any:  # encode, decode, config, scan_layers, ...
         return getattr(self._module, name)
 
     def _with_task_ids(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if "task_ids" not in self._task_ids:  # packed: one task id per position
+            return {**kwargs, **self._task_ids}
+        task_ids = self._task_ids["task_ids"]
         rows = _rows(args, kwargs)
-        batch = self._task_ids.shape[0]
+        batch = task_ids.shape[0]
         if rows is None or rows % batch:
             raise ValueError(f"Cannot match {batch} task ids to a network call with {rows} rows.")
-        return {**kwargs, "task_ids": jnp.repeat(self._task_ids, rows // batch, axis=0)}
+        return {**kwargs, "task_ids": jnp.repeat(task_ids, rows // batch, axis=0)}
 
     def apply(self, variables: PyTree, *args: Any, **kwargs: Any) -> Any:
         return self._module.apply(variables, *args, **self._with_task_ids(args, kwargs))
@@ -101,45 +148,66 @@ class _TaskIdModule:
 
 
 class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
-    """t5x's `EncoderDecoderModel` that passes `task_ids` to the network.
+    """t5x's `EncoderDecoderModel` that passes task ids to the network.
 
     Same constructor and behaviour as t5x's class (losses, metrics, `decode_fn`,
     scoring); the feature converter defaults to `EncDecTaskIdFeatureConverter`, so
-    batches carry `task_ids [batch]` (0 for data without a `task_id` feature). Every
-    method t5x uses to reach the network is routed through a copy of this model whose
-    `module` adds the batch's task ids: `_compute_logits` (loss, eval, `score_batch`),
-    `get_initial_variables` (zeros `[batch]`) and
-    `predict_batch_with_aux` (encoder, cache initialisation, every decoding step).
-    Without `task_ids` in the batch it is exactly t5x's model.
+    batches carry `task_ids [batch]` (0 for data without a `task_id` feature), or,
+    packed, `encoder_task_ids [batch, L_in]` and `decoder_task_ids [batch, L_out]`.
+    Every method t5x uses to reach the network is routed through a copy of this model
+    whose `module` adds the batch's task ids: `_compute_logits` (loss, eval,
+    `score_batch`; packed or not), `get_initial_variables` (zeros `[batch]`, or per
+    position for packed shapes) and `predict_batch_with_aux` (encoder, cache
+    initialisation, every decoding step; never packed).
+    `FEATURE_CONVERTER_CLS` binds the network's input prompt length
+    (`converter_with_prompt_slots`), so packed rows get each example's prompt slots.
+    Without task ids in the batch it is exactly t5x's model.
     """
 
-    FEATURE_CONVERTER_CLS = feature_converters.EncDecTaskIdFeatureConverter
+    _feature_converter_cls: Callable[..., Any] = feature_converters.EncDecTaskIdFeatureConverter
 
-    def _bound(self, task_ids: Array | None) -> EncoderDecoderModel:
-        if task_ids is None:
+    @property
+    def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
+        return converter_with_prompt_slots(
+            self._feature_converter_cls, input_prompt_length(self.module)
+        )
+
+    @FEATURE_CONVERTER_CLS.setter
+    def FEATURE_CONVERTER_CLS(self, converter_cls: Callable[..., Any]) -> None:  # noqa: N802
+        # t5x's constructor assigns its `feature_converter_cls` argument here.
+        self._feature_converter_cls = converter_cls
+
+    @property
+    def input_prompt_length(self) -> int:
+        """The network's input prompt length (prompt slots per packed example)."""
+        return input_prompt_length(self.module)
+
+    def _bound(self, task_ids: Mapping[str, Array]) -> EncoderDecoderModel:
+        if not task_ids:
             return self
         bound = copy.copy(self)  # shares everything; only `module` differs
-        bound.module = _TaskIdModule(self.module, jnp.asarray(task_ids, jnp.int32))
+        ids = {name: jnp.asarray(value, jnp.int32) for name, value in task_ids.items()}
+        bound.module = _TaskIdModule(self.module, ids)
         return bound
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
         # Initialisation needs task ids for a task-conditioned method, and their values
-        # do not matter; callers do not always pass a `task_ids` shape (t5x's evaluator
-        # leaves out per-example scalars), so use zeros `[batch]` either way.
-        batch = input_shapes["encoder_input_tokens"][0]
-        task_ids = jnp.zeros((batch,), jnp.int32)
-        shapes = {k: v for k, v in input_shapes.items() if k != "task_ids"}
-        return super(EncoderDecoderModel, self._bound(task_ids)).get_initial_variables(
-            rng, shapes, input_types
-        )
+        # do not matter; callers do not always pass their shapes (t5x's evaluator
+        # leaves out per-example scalars), so use zeros of the right layout either way.
+        shapes = {k: v for k, v in input_shapes.items() if k not in _TASK_ID_SHAPES}
+        return super(
+            EncoderDecoderModel, self._bound(_init_task_ids(shapes))
+        ).get_initial_variables(rng, shapes, input_types)
 
     def _compute_logits(self, params, batch, dropout_rng=None, mutable=False, other_variables=None):
-        return super(EncoderDecoderModel, self._bound(batch.get("task_ids")))._compute_logits(
+        task_ids = {name: batch[name] for name in _TASK_ID_SHAPES if name in batch}
+        return super(EncoderDecoderModel, self._bound(task_ids))._compute_logits(
             params, batch, dropout_rng, mutable=mutable, other_variables=other_variables
         )
 
     def predict_batch_with_aux(self, params, batch, rng=None, **kwargs):
-        bound = self._bound(batch.get("task_ids"))
+        task_ids = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}
+        bound = self._bound(task_ids)
         return super(EncoderDecoderModel, bound).predict_batch_with_aux(
             params, batch, rng=rng, **kwargs
         )
@@ -306,11 +374,12 @@ class ProjectModelAdapter(t5x_models.BaseModel):
         super().__init__(optimizer_def=optimizer_def)
         self.model = model
         self.module = model.module
-        self.FEATURE_CONVERTER_CLS = (
-            getattr(  # noqa: N815 (t5x's name)
-                model, "_feature_converter_cls", None
-            )
+        converter_cls = (
+            getattr(model, "_feature_converter_cls", None)
             or feature_converters.EncDecTaskIdFeatureConverter
+        )
+        self.FEATURE_CONVERTER_CLS = converter_with_prompt_slots(  # noqa: N815 (t5x's name)
+            converter_cls, input_prompt_length(model.module)
         )
 
     @property
@@ -332,8 +401,9 @@ class ProjectModelAdapter(t5x_models.BaseModel):
         return self.model.score_batch(params, batch, return_intermediates=return_intermediates)
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
-        shapes = dict(input_shapes)  # task ids for init, as EncoderDecoderModel above
-        shapes.setdefault("task_ids", (input_shapes["encoder_input_tokens"][0],))
+        # Task ids for init, as EncoderDecoderModel above (per position when packed).
+        shapes = {k: v for k, v in input_shapes.items() if k not in _TASK_ID_SHAPES}
+        shapes.update({k: v.shape for k, v in _init_task_ids(shapes).items()})
         return self.model.get_initial_variables(rng, shapes, input_types)
 
 

@@ -15,7 +15,10 @@ the size) and uses the byte vocabulary of the built-in synthetic tasks. For each
 * `t5x.train` trains 3 steps; its logged losses and final parameters must equal this
   package's `trainer.Trainer` (the launcher's step) run with the package's own method
   recipe (`gin/methods/*.gin`: `optim.adafactor`, learning-rate schedule,
-  `TRAINABLE_PATTERNS`) on the same batches from the same initial parameters;
+  `TRAINABLE_PATTERNS`) on the same batches from the same initial parameters; one
+  example per row, and (prompt tuning, SMoP, HyperPrompt-Share) with t5x's default
+  packing of the training data (several examples per row, per-position task ids,
+  prompt slots);
 * t5x's optimizer state exists for every method parameter (and, for the prompt
   methods, for nothing else: the backbone is frozen and unchanged);
 * the bridge model's logits equal this package's model's, and depend on the task ids;
@@ -91,6 +94,7 @@ from hyperprompt_jax import (  # noqa: E402
     gin_utils,
     models,
     optim,
+    packing,
     partitioning,
     t5x_bridge,
     trainer,
@@ -104,6 +108,9 @@ T5X_SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(t5x.__file__)))
 # subprocess test below uses small.gin, as the docs do (one parse per process).
 SIZE_FILE = "t5x/examples/t5/t5_1_1/base.gin"
 LENGTHS = {"inputs": synthetic.LENGTH + 1, "targets": 2}
+# Packed rows: 3 or 4 examples each (inputs of LENGTH + EOS, plus the prompt slots of
+# the prompt methods; targets of one letter + EOS).
+PACKED_LENGTHS = {"inputs": 40, "targets": 8}
 BATCH = 4
 STEPS = 3
 EMB_DIM = 16
@@ -153,6 +160,8 @@ METHODS = {
 # non-zero task id for the multi-task methods.
 PREDICT_TASK = synthetic.TASK_NAMES[1]
 EVAL_METHODS = ("hyperprompt_sep",)
+# Trained by t5x.train with its run file's packing (pretrain.gin: pack = True).
+PACKED_METHODS = ("prompt_tuning", "smop", "hyperprompt_share")
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,26 +233,35 @@ def _is_method_param(path: str) -> bool:
 class _Run:
     """One method trained by `t5x.train`, and what the checks need from it."""
 
-    def __init__(self, workdir, method, entries, extra_gin_files=(), name=None):
+    def __init__(self, workdir, method, entries, extra_gin_files=(), name=None, pack=False):
         self.method = method
         self.mixture = METHODS[method][0]
-        self.model_dir = str(workdir / f"{name or method}_model")
-        bindings = _method_bindings(workdir, method) + [
-            f"MODEL_DIR = '{self.model_dir}'",
-            f"MIXTURE_OR_TASK_NAME = '{self.mixture}'",
-            f"TASK_FEATURE_LENGTHS = {LENGTHS}",
-            f"TRAIN_STEPS = {STEPS}",
-            f"BATCH_SIZE = {BATCH}",
-            "USE_CACHED_TASKS = False",
-            "DROPOUT_RATE = 0.0",
-            f"RANDOM_SEED = {SEED}",
-            "SHUFFLE_TRAIN_EXAMPLES = False",
-            "train/utils.DatasetConfig.seed = 0",
-            # t5x logs the training loss once per "epoch"; with evaluation off an epoch
-            # is the checkpoint period.
-            "utils.SaveCheckpointConfig.period = 1",
-            "train.train_eval_dataset_cfg = None",
-        ]
+        self.pack = pack
+        self.lengths = PACKED_LENGTHS if pack else LENGTHS
+        self.model_dir = str(workdir / f"{name or method}{'_packed' if pack else ''}_model")
+        # Packed: t5x's pretrain.gin packs the training data (nothing in the bridge's gin
+        # files changes that); unpacked: the user's override.
+        packing = [] if pack else ["train/utils.DatasetConfig.pack = False"]
+        bindings = (
+            _method_bindings(workdir, method)
+            + packing
+            + [
+                f"MODEL_DIR = '{self.model_dir}'",
+                f"MIXTURE_OR_TASK_NAME = '{self.mixture}'",
+                f"TASK_FEATURE_LENGTHS = {self.lengths}",
+                f"TRAIN_STEPS = {STEPS}",
+                f"BATCH_SIZE = {BATCH}",
+                "USE_CACHED_TASKS = False",
+                "DROPOUT_RATE = 0.0",
+                f"RANDOM_SEED = {SEED}",
+                "SHUFFLE_TRAIN_EXAMPLES = False",
+                "train/utils.DatasetConfig.seed = 0",
+                # t5x logs the training loss once per "epoch"; with evaluation off an epoch
+                # is the checkpoint period.
+                "utils.SaveCheckpointConfig.period = 1",
+                "train.train_eval_dataset_cfg = None",
+            ]
+        )
         _parse(workdir, "t5x/configs/runs/pretrain.gin", method, bindings, extra_gin_files)
         self.model = gin.query_parameter("%MODEL").scoped_configurable_fn()
         _, self.state = gin.get_configurable(entries["train"])()
@@ -274,30 +292,35 @@ class _Run:
         """The batches t5x.train read (same DatasetConfig, same feature converter)."""
         cfg = t5x_utils.DatasetConfig(
             mixture_or_task_name=self.mixture,
-            task_feature_lengths=LENGTHS,
+            task_feature_lengths=self.lengths,
             split="train",
             batch_size=BATCH,
             shuffle=False,
             seed=0,
             use_cached=False,
-            pack=False,
+            pack=self.pack,
         )
         ds = t5x_utils.get_dataset(cfg, 0, 1, self.model.FEATURE_CONVERTER_CLS)
         return [dict(b) for b in itertools.islice(ds.as_numpy_iterator(), STEPS)]
 
 
-_RUNS: dict[str, _Run] = {}
+_RUNS: dict[tuple[str, bool], _Run] = {}
 
 
-def _get_run(workdir, method, entries) -> _Run:
-    if method not in _RUNS:
-        _RUNS[method] = _Run(workdir, method, entries)
-    return _RUNS[method]
+def _get_run(workdir, method, entries, pack=False) -> _Run:
+    if (method, pack) not in _RUNS:
+        _RUNS[method, pack] = _Run(workdir, method, entries, pack=pack)
+    return _RUNS[method, pack]
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
 def run(request, workdir, t5x_entry_points):
     return _get_run(workdir, request.param, t5x_entry_points)
+
+
+@pytest.fixture(scope="module", params=PACKED_METHODS)
+def packed_run(request, workdir, t5x_entry_points):
+    return _get_run(workdir, request.param, t5x_entry_points, pack=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -325,7 +348,7 @@ def _reference_training(run: _Run):
     return losses, jax.device_get(state.params)
 
 
-def test_t5x_train_equals_package_training(run):
+def _assert_t5x_training_equals_package_training(run: _Run) -> None:
     t5x_losses = [run.losses[s] for s in sorted(run.losses)]
     assert sorted(run.losses) == list(range(1, STEPS + 1)), run.losses
     ref_losses, ref_params = _reference_training(run)
@@ -345,6 +368,46 @@ def test_t5x_train_equals_package_training(run):
         for name, value in t5x_params.items():
             np.testing.assert_allclose(value, ref_flat[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert not np.allclose(t5x_losses[0], t5x_losses[-1]), "training did not move"
+
+
+def test_t5x_train_equals_package_training(run):
+    assert "encoder_segment_ids" not in run.batches[0]  # one example per row
+    _assert_t5x_training_equals_package_training(run)
+
+
+def test_t5x_train_with_packing_equals_package_training(packed_run):
+    """t5x.train packs by default; the bridge trains on the packed rows (each example
+    with its own task ids and prompt) exactly as this package's trainer does."""
+    run = packed_run
+    prompt_length = run.model.input_prompt_length
+    assert prompt_length == {"prompt_tuning": PROMPT_LENGTH, "smop": 2}.get(run.method, 0)
+    example_tasks = []
+    for batch in run.batches:
+        segments, positions = batch["encoder_segment_ids"], batch["encoder_positions"]
+        assert (segments.max(axis=1) >= 3).all(), segments  # several examples per row
+        # Prompt slots in front of every packed example's inputs, and only there.
+        slots = (segments > 0) & (positions < prompt_length)
+        np.testing.assert_array_equal(
+            batch["encoder_input_tokens"] == packing.PROMPT_SLOT_ID, slots
+        )
+        for side in ("encoder", "decoder"):
+            padding = batch[f"{side}_segment_ids"] == 0
+            assert (batch[f"{side}_task_ids"][padding] == 0).all()
+        # Every example has one task id, the same on its inputs and its targets.
+        for row in range(BATCH):
+            for segment in range(1, segments[row].max() + 1):
+                tasks = {
+                    int(task)
+                    for side in ("encoder", "decoder")
+                    for task in batch[f"{side}_task_ids"][row][
+                        batch[f"{side}_segment_ids"][row] == segment
+                    ]
+                }
+                assert len(tasks) == 1, (row, segment, tasks)
+                example_tasks += tasks
+    if run.method.startswith("hyperprompt"):
+        assert len(set(example_tasks)) > 1, "the packed rows should mix tasks"
+    _assert_t5x_training_equals_package_training(run)
 
 
 def test_t5x_optimizer_state_for_every_method_parameter(run):
@@ -506,18 +569,29 @@ def test_package_decoders_as_t5x_decode_fn(workdir, t5x_entry_points):
             np.testing.assert_allclose(aux["scores"], t5x_aux["scores"], rtol=1e-5)
 
 
-def test_package_model_as_t5x_model(workdir, t5x_entry_points):
+# (method, packed): one example per row, and packed rows with prompt slots.
+ADAPTER_RUNS = ((ADAPTER_METHOD, False), ("smop", True))
+
+
+@pytest.mark.parametrize("method,pack", ADAPTER_RUNS)
+def test_package_model_as_t5x_model(workdir, t5x_entry_points, method, pack):
     """t5x.train with MODEL = this package's model (t5x/include/project_model.gin)
-    trains exactly like the task-id bridge model (same data, init and optimizer)."""
-    bridge = _get_run(workdir, ADAPTER_METHOD, t5x_entry_points)
+    trains exactly like the task-id bridge model (same data, init and optimizer), with
+    and without t5x's packing."""
+    bridge = _get_run(workdir, method, t5x_entry_points, pack=pack)
     adapted = _Run(
         workdir,
-        ADAPTER_METHOD,
+        method,
         t5x_entry_points,
         extra_gin_files=["t5x/include/project_model.gin"],
         name="adapter",
+        pack=pack,
     )
     assert isinstance(adapted.model, t5x_bridge.ProjectModelAdapter)
+    for ours, theirs in zip(adapted.batches, bridge.batches, strict=True):  # same rows
+        assert set(ours) == set(theirs)
+        for name, value in theirs.items():
+            np.testing.assert_array_equal(ours[name], value, err_msg=name)
     np.testing.assert_allclose(
         [adapted.losses[s] for s in sorted(adapted.losses)],
         [bridge.losses[s] for s in sorted(bridge.losses)],
