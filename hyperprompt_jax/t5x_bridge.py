@@ -77,9 +77,10 @@ def _rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
     return None
 
 
-def input_prompt_length(module: Any) -> int:
+def _input_prompt_length(module: Any) -> int:
     """Prompt positions the network's input hook puts in front of every example (0:
-    none): the prompt slots a packed example needs (`packing`)."""
+    none): the prompt slots a packed example needs (as `models.EncoderDecoderModel.
+    input_prompt_length`)."""
     return int(getattr(getattr(module, "prompt", None), "length", 0) or 0)
 
 
@@ -169,7 +170,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     @property
     def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
         return converter_with_prompt_slots(
-            self._feature_converter_cls, input_prompt_length(self.module)
+            self._feature_converter_cls, _input_prompt_length(self.module)
         )
 
     @FEATURE_CONVERTER_CLS.setter
@@ -180,7 +181,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     @property
     def input_prompt_length(self) -> int:
         """The network's input prompt length (prompt slots per packed example)."""
-        return input_prompt_length(self.module)
+        return _input_prompt_length(self.module)
 
     def _bound(self, task_ids: Mapping[str, Array]) -> EncoderDecoderModel:
         if not task_ids:
@@ -379,7 +380,7 @@ class ProjectModelAdapter(t5x_models.BaseModel):
             or feature_converters.EncDecTaskIdFeatureConverter
         )
         self.FEATURE_CONVERTER_CLS = converter_with_prompt_slots(  # noqa: N815 (t5x's name)
-            converter_cls, input_prompt_length(model.module)
+            converter_cls, model.input_prompt_length
         )
 
     @property
