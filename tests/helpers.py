@@ -85,3 +85,23 @@ def write_prompt_library(directory, prompts, metadata=None) -> str:
             with open(os.path.join(directory, f"{name}.json"), "w") as f:
                 json.dump(metadata[name], f)
     return str(directory)
+
+
+def tiny_t5_config(**overrides: Any):
+    """A tiny T5.1.1-shaped `T5Config` (2 + 2 layers, width 16, GeGLU, no dropout) for
+    module tests; `overrides` change single fields."""
+    from hyperprompt_jax.config import T5Config
+
+    fields = dict(
+        vocab_size=48,
+        emb_dim=16,
+        num_heads=2,
+        head_dim=8,
+        mlp_dim=24,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        mlp_activations=("gelu", "linear"),
+        dropout_rate=0.0,
+    )
+    fields.update(overrides)
+    return T5Config(**fields)

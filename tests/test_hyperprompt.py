@@ -26,19 +26,9 @@ import numpy as np
 import pytest
 
 from hyperprompt_jax import hyperprompt, network, trainable
-from hyperprompt_jax.config import T5Config
+from tests.helpers import tiny_t5_config
 
-CONFIG = T5Config(
-    vocab_size=48,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=6,
-    mlp_dim=24,
-    num_encoder_layers=2,
-    num_decoder_layers=3,
-    mlp_activations=("gelu", "linear"),
-    dropout_rate=0.0,
-)
+CONFIG = tiny_t5_config(head_dim=6, num_decoder_layers=3)
 T, P, B_DIM = 3, 2, 4
 # Small, distinct Global widths so a mix-up of t', the projector's width and t shows.
 PIECES = {
@@ -214,7 +204,7 @@ def test_bad_configuration_raises():
 # ---------------------------------------------------------------------------------------
 
 
-def _t5_1_1_total(cfg: T5Config) -> int:
+def _t5_1_1_total(cfg) -> int:
     """Closed-form size of a T5.1.1 network (untied logits, GeGLU): independent arithmetic."""
     e, kv, f = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     relpos = cfg.num_heads * cfg.relative_attention_num_buckets

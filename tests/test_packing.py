@@ -19,21 +19,11 @@ import pytest
 import tensorflow as tf
 
 from hyperprompt_jax import feature_converters, hyperprompt, models, network, packing, prompts, smop
-from hyperprompt_jax.config import T5Config
 from hyperprompt_jax.errors import UserError
+from tests.helpers import tiny_t5_config
 
-CONFIG = T5Config(
-    vocab_size=64,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=24,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    mlp_activations=("gelu", "linear"),
-    dropout_rate=0.0,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=12,
+CONFIG = tiny_t5_config(
+    vocab_size=64, relative_attention_num_buckets=8, relative_attention_max_distance=12
 )
 NUM_TASKS = 3
 PACKED_LENGTHS = {"inputs": 40, "targets": 10}

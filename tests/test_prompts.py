@@ -18,19 +18,9 @@ import numpy as np
 import pytest
 
 from hyperprompt_jax import layers, network, prompts
-from hyperprompt_jax.config import T5Config
+from tests.helpers import tiny_t5_config
 
-CONFIG = T5Config(
-    vocab_size=48,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=24,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    mlp_activations=("gelu", "linear"),
-    dropout_rate=0.0,
-)
+CONFIG = tiny_t5_config()
 LENGTH = 3
 ENC = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14], [15, 16, 0, 0, 0, 0]], np.int32)
 DEC = np.array([[0, 3, 4], [0, 5, 6], [0, 7, 8]], np.int32)
