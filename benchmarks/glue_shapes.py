@@ -158,8 +158,12 @@ SUPER_GLUE_TASKS = tuple(n for n, t in TASKS.items() if t.benchmark == "super_gl
 def _processor():
     import sentencepiece as spm
 
-    path = SPM_PATH if os.path.exists(SPM_PATH) else _FALLBACK_SPM
-    return spm.SentencePieceProcessor(model_file=path)
+    return spm.SentencePieceProcessor(model_file=spm_path())
+
+
+def spm_path() -> str:
+    """The T5 SentencePiece model: `$HYPERPROMPT_VOCAB` or the shared fixture."""
+    return SPM_PATH if os.path.exists(SPM_PATH) else _FALLBACK_SPM
 
 
 def encode(text: str) -> list[int]:
