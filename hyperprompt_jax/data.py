@@ -35,6 +35,8 @@ from hyperprompt_jax.errors import UserError
 logger = logging.getLogger("hyperprompt_jax")
 
 TASK_IDS_FEATURE = "task_ids"
+# `task_ids [batch]`, or one per position of packed rows (`packing`).
+TASK_ID_FEATURES = (TASK_IDS_FEATURE, "encoder_task_ids", "decoder_task_ids")
 
 
 # -------------------------------------------------------------------------------------
@@ -179,18 +181,23 @@ def warn_over_long(name: str, over: Mapping[str, int], total: int, lengths) -> N
 
 
 def default_feature_converter(
-    pack: bool = False, num_tasks: int | None = None
+    pack: bool = False, num_tasks: int | None = None, prompt_length: int = 0
 ) -> seqio.FeatureConverter:
-    """Encoder-decoder features plus `task_ids` `[batch]` (int32; 0 if a task has none).
+    """Encoder-decoder features plus `task_ids` `[batch]` (int32; 0 if a task has none),
+    or, packed, per-position task ids (`feature_converters`).
 
     Args:
-      pack: pack several examples per row (only for data without task ids).
+      pack: pack several examples per row.
       num_tasks: if given (gin `NUM_TASKS`), every example's task id is checked to lie
         in `[0, num_tasks)` as it is read.
+      prompt_length: the model's input prompt length (`EncoderDecoderModel.
+        input_prompt_length`): the prompt slots of every packed example.
     """
     from hyperprompt_jax import feature_converters
 
-    return feature_converters.EncDecTaskIdFeatureConverter(pack=pack, num_tasks=num_tasks)
+    return feature_converters.EncDecTaskIdFeatureConverter(
+        pack=pack, num_tasks=num_tasks, prompt_length=prompt_length if pack else 0
+    )
 
 
 # -------------------------------------------------------------------------------------
@@ -211,7 +218,8 @@ class DatasetConfig:
       shuffle: shuffle examples (training).
       seed: seed of shuffling and mixture sampling; fixed so restarts see the same data.
       use_cached: read seqio's offline cache.
-      pack: pack several examples per row (not with prompts).
+      pack: pack several examples per row, each with its own task id and prompt
+        (`packing`; training).
       num_shards: input shards per global batch (`DATA_SHARDS`, training only); None:
         one per block of rows held by a process (see `input_shards`).
     """
@@ -375,8 +383,9 @@ def put_on_mesh(
     Raises:
       UserError: a task id out of range.
     """
-    if TASK_IDS_FEATURE in batch:
-        check_task_ids(batch[TASK_IDS_FEATURE], num_tasks)
+    for name in TASK_ID_FEATURES:
+        if name in batch:
+            check_task_ids(batch[name], num_tasks)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)

@@ -64,13 +64,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 
-from hyperprompt_jax import prompts
+from hyperprompt_jax import layers, prompts
 from hyperprompt_jax import task_ids as task_ids_lib
 from hyperprompt_jax.config import T5Config
 from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
-PrefixKV = Tuple[Array, Array]
+PrefixKV = layers.PrefixKV
 
 param_with_axes = nn_partitioning.param_with_axes
 STACKS = ("encoder", "decoder")
@@ -353,18 +353,25 @@ class HyperPrompt(nn.Module):
         stack: str,
         batch_size: int,
         deterministic: bool = True,
+        length: int | None = None,
     ) -> Sequence[PrefixKV]:
-        """One `(key, value)` pair `[B, l, heads, head_dim]` per layer of `stack`.
+        """One `layers.PrefixKV` per layer of `stack`.
+
+        Unpacked rows (`length` None, `task_ids [B]`): each row's task's prefix,
+        `[B, l, heads, head_dim]`. Packed rows (`length` L, `task_ids [B, L]`, one per
+        query position, `packing`): every task's prefix, `[1, T l, heads, head_dim]`,
+        with a bias `[B, 1, L, T l]` that shows each query its own task's `l` columns
+        only (NaN for a task id outside `[0, T)`).
 
         Raises:
-          ValueError: an unknown stack, missing task ids, or (concrete) ids outside
+          UserError: an unknown stack, missing task ids, or (concrete) ids outside
             `[0, num_tasks)`.
         """
         del deterministic  # No dropout on hyper-prompts.
         if stack not in STACKS:
             raise UserError(f"stack must be one of {STACKS}, got {stack!r}.")
         ids = task_ids_lib.validate_task_ids(
-            task_ids, self.num_tasks, batch_size=batch_size, module="HyperPrompt"
+            task_ids, self.num_tasks, batch_size=batch_size, module="HyperPrompt", length=length
         )
         num_layers = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
         heads, head_dim = config.num_heads, config.head_dim
@@ -381,6 +388,8 @@ class HyperPrompt(nn.Module):
             bottleneck_dim=self.bottleneck_dim,
             kv_dim=heads * head_dim,
         )
+        if length is not None:
+            return self._all_tasks(keys_TMPK, values_TMPK, ids, config)
 
         def per_example(table_TMPK: Array) -> Array:
             table = task_ids_lib.gather_tasks(table_TMPK, ids, self.num_tasks)  # [B, M, P, K]
@@ -388,7 +397,30 @@ class HyperPrompt(nn.Module):
             return nn.with_logical_constraint(table, ("batch", None, "length", "heads", "kv"))
 
         keys_BMPHD, values_BMPHD = per_example(keys_TMPK), per_example(values_TMPK)
-        return [(keys_BMPHD[:, m], values_BMPHD[:, m]) for m in range(num_layers)]
+        return [PrefixKV(keys_BMPHD[:, m], values_BMPHD[:, m]) for m in range(num_layers)]
+
+    def _all_tasks(
+        self, keys_TMPK: Array, values_TMPK: Array, ids_BL: Array, config: T5Config
+    ) -> Sequence[PrefixKV]:
+        """Packed rows: every task's prefix and the bias that picks each query's own."""
+        tasks, layers_, length = keys_TMPK.shape[:3]
+        columns = tasks * length
+
+        def stacked(table_TMPK: Array) -> Array:  # -> [M, 1, T l, heads, head_dim]
+            table = jnp.moveaxis(table_TMPK, 1, 0).reshape(
+                layers_, 1, columns, config.num_heads, config.head_dim
+            )
+            table = table.astype(config.dtype)
+            return nn.with_logical_constraint(table, (None, None, "length", "heads", "kv"))
+
+        column_task = jnp.arange(columns, dtype=jnp.int32) // length
+        visible_BLC = ids_BL[:, :, None] == column_task
+        valid_BL = (ids_BL >= 0) & (ids_BL < self.num_tasks)
+        bias_BLC = jnp.where(visible_BLC, 0.0, layers.MASK_VALUE)
+        bias_BLC = jnp.where(valid_BL[..., None], bias_BLC, jnp.nan).astype(config.dtype)
+        bias = bias_BLC[:, None]  # [B, 1, L, T l]
+        keys, values = stacked(keys_TMPK), stacked(values_TMPK)
+        return [PrefixKV(keys[m], values[m], bias) for m in range(layers_)]
 
 
 def added_parameters(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +36,28 @@ DType = Any
 PRNGKey = jax.Array
 Shape = Iterable[int]
 Initializer = Callable[[PRNGKey, Shape, DType], Array]
-PrefixKV = Tuple[Array, Array]
+
+
+class PrefixKV(NamedTuple):
+    """Key/value vectors an attention prepends to its own keys/values (HyperPrompt).
+
+    Attributes:
+      key: `[batch, prefix, heads, head_dim]` (batch may be 1: shared by every row).
+      value: like `key`.
+      bias: optional additive bias `[batch, 1, q_length, prefix]` saying which query
+        sees which prefix position (0 visible, `MASK_VALUE` hidden; packed rows see
+        only their own task's prefix); None: every query sees every prefix position.
+    """
+
+    key: Array
+    value: Array
+    bias: Optional[Array] = None
+
 
 default_embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
 # t5x masks with -1e10 rather than -inf so fully masked rows stay finite.
-_MASK_VALUE = -1e10
+MASK_VALUE = -1e10
 
 
 def dot_product_attention(
@@ -209,7 +225,7 @@ class MultiHeadDotProductAttention(nn.Module):
             attention_bias = lax.select(
                 mask > 0,
                 jnp.full(mask.shape, 0.0).astype(self.dtype),
-                jnp.full(mask.shape, _MASK_VALUE).astype(self.dtype),
+                jnp.full(mask.shape, MASK_VALUE).astype(self.dtype),
             )
         if bias is not None:
             attention_bias = bias if attention_bias is None else attention_bias + bias
@@ -288,14 +304,16 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 def _prepend_prefix(
-    prefix_kv: PrefixKV,
+    prefix_kv: PrefixKV | Tuple[Array, Array],
     key_BKHD: Array,
     value_BKHD: Array,
     attention_bias: Optional[Array],
     dtype: DType,
 ) -> Tuple[Array, Array, Optional[Array]]:
-    """Prepends prefix keys/values; the prefix columns get zero bias (always visible)."""
-    prefix_key, prefix_value = prefix_kv
+    """Prepends prefix keys/values; the prefix columns get the prefix's own bias (zero,
+    always visible, when it has none)."""
+    prefix = PrefixKV(*prefix_kv)
+    prefix_key, prefix_value = prefix.key, prefix.value
     if prefix_key.shape != prefix_value.shape:
         raise ValueError(
             f"Prefix key {prefix_key.shape} and value {prefix_value.shape} shapes differ."
@@ -305,16 +323,33 @@ def _prepend_prefix(
             "Prefix keys/values must be [batch, prefix, heads, head_dim] with heads x "
             f"head_dim = {key_BKHD.shape[2:]}, got {prefix_key.shape}."
         )
-    if prefix_key.shape[0] != key_BKHD.shape[0]:
-        raise ValueError(
-            f"Prefix batch {prefix_key.shape[0]} differs from the key batch {key_BKHD.shape[0]}."
-        )
+    batch = key_BKHD.shape[0]
+    if prefix_key.shape[0] not in (1, batch):
+        raise ValueError(f"Prefix batch {prefix_key.shape[0]} differs from the key batch {batch}.")
     num_prefix = prefix_key.shape[1]
-    key_BKHD = jnp.concatenate([prefix_key.astype(key_BKHD.dtype), key_BKHD], axis=1)
-    value_BKHD = jnp.concatenate([prefix_value.astype(value_BKHD.dtype), value_BKHD], axis=1)
-    if attention_bias is not None:
-        pad = jnp.zeros(attention_bias.shape[:-1] + (num_prefix,), attention_bias.dtype)
-        attention_bias = jnp.concatenate([pad, attention_bias], axis=-1)
+    shape = (batch,) + prefix_key.shape[1:]
+    key_BKHD = jnp.concatenate(
+        [jnp.broadcast_to(prefix_key.astype(key_BKHD.dtype), shape), key_BKHD], axis=1
+    )
+    value_BKHD = jnp.concatenate(
+        [jnp.broadcast_to(prefix_value.astype(value_BKHD.dtype), shape), value_BKHD], axis=1
+    )
+    prefix_bias = prefix.bias
+    if prefix_bias is None and attention_bias is None:
+        return key_BKHD, value_BKHD, None
+    if attention_bias is None:
+        q_length = prefix_bias.shape[-2]
+        attention_bias = jnp.zeros((batch, 1, q_length, key_BKHD.shape[1] - num_prefix), dtype)
+    if prefix_bias is None:
+        prefix_bias = jnp.zeros(attention_bias.shape[:-1] + (num_prefix,), attention_bias.dtype)
+    lead = jnp.broadcast_shapes(attention_bias.shape[:-1], prefix_bias.shape[:-1])
+    attention_bias = jnp.concatenate(
+        [
+            jnp.broadcast_to(prefix_bias.astype(attention_bias.dtype), lead + (num_prefix,)),
+            jnp.broadcast_to(attention_bias, lead + attention_bias.shape[-1:]),
+        ],
+        axis=-1,
+    )
     return key_BKHD, value_BKHD, attention_bias
 
 

@@ -12,7 +12,8 @@ name, so trainers, evaluators and gin files written for t5x read the same:
   one-token `tokens_to_logits` step on `Transformer.decode(..., decode=True)`.
 * `score_batch`: the log-likelihood of `decoder_target_tokens` under the model.
 
-Every call forwards `task_ids=batch.get('task_ids')`, so task-conditioned methods
+Every call forwards `task_ids` (`[batch]`), or for packed rows `encoder_task_ids` /
+`decoder_task_ids` (one per position, `packing`), so task-conditioned methods
 (HyperPrompt, SMoP, multi-task prompts) work unchanged, and the plain network simply
 ignores them. With a prompt hook the encoded sequence is longer than the tokens; the
 network builds the masks, so nothing here depends on the prompt length.
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from flax import core as flax_core
 from flax import linen as nn
 
-from hyperprompt_jax import decoding, losses
+from hyperprompt_jax import decoding, losses, packing
 from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
@@ -47,6 +48,8 @@ _OPTIONAL_INPUTS = (
     "encoder_positions",
     "decoder_positions",
 )
+# Task ids: `[batch]` for unpacked rows, one per position for packed rows (`packing`).
+_TASK_ID_INPUTS = ("task_ids", packing.ENCODER_TASK_IDS, packing.DECODER_TASK_IDS)
 
 
 def _require(batch: Batch, keys: tuple[str, ...], method: str) -> None:
@@ -65,6 +68,7 @@ def compute_base_metrics(
     loss: Array,
     z_loss: Array,
     weight_sum: Array,
+    segment_ids: Array | None = None,
 ) -> dict[str, Array]:
     """t5x's per-batch training metrics, as plain scalars.
 
@@ -75,11 +79,13 @@ def compute_base_metrics(
       loss: the (normalised) total loss, z-loss included.
       z_loss: the z-loss part of `loss`.
       weight_sum: sum of `weights`.
+      segment_ids: `[batch, length]` decoder segment ids of packed rows (examples are
+        numbered 1, 2, ... in each row), or None (one example per row).
 
     Returns:
       `loss`, `z_loss`, `cross_ent_loss` (= loss - z_loss), `accuracy` (weighted
       fraction of argmax hits), `weight_sum`, `num_examples` (rows with a real target
-      token), `num_tokens` (non-padding targets), `loss_per_nonpadding_target_token`
+      token; packed rows: their examples), `num_tokens` (non-padding targets), `loss_per_nonpadding_target_token`
       and `loss_per_all_target_tokens`.
     """
     if weights is None:
@@ -89,13 +95,17 @@ def compute_base_metrics(
     nonpadding = (targets > 0).astype(jnp.float32)
     num_tokens = jnp.sum(nonpadding)
     weight_total = jnp.sum(weights)
+    if segment_ids is None:
+        num_examples = jnp.sum(jnp.any(targets > 0, axis=-1).astype(jnp.float32))
+    else:
+        num_examples = jnp.sum(jnp.max(segment_ids, axis=-1).astype(jnp.float32))
     return {
         "loss": loss,
         "z_loss": z_loss,
         "cross_ent_loss": loss - z_loss,
         "accuracy": jnp.sum(correct * weights) / jnp.maximum(weight_total, 1e-8),
         "weight_sum": jnp.asarray(weight_sum, jnp.float32),
-        "num_examples": jnp.sum(jnp.any(targets > 0, axis=-1).astype(jnp.float32)),
+        "num_examples": num_examples,
         "num_tokens": num_tokens,
         "loss_per_nonpadding_target_token": loss / jnp.maximum(num_tokens, 1.0),
         "loss_per_all_target_tokens": loss / targets.size,
@@ -170,6 +180,12 @@ class EncoderDecoderModel:
         self.consistency_weight = float(consistency_weight)
 
     @property
+    def input_prompt_length(self) -> int:
+        """Prompt positions the input hook puts in front of every example (0: none):
+        the prompt slots packed rows reserve (`packing`)."""
+        return int(getattr(getattr(self.module, "prompt", None), "length", 0) or 0)
+
+    @property
     def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
         """`seqio.EncDecFeatureConverter` unless overridden (seqio imported lazily)."""
         if self._feature_converter_cls is not None:
@@ -210,16 +226,24 @@ class EncoderDecoderModel:
             return jnp.ones(input_shapes[name], input_types.get(name, jnp.int32))
 
         decoder_tokens = ones("decoder_input_tokens")
-        task_ids = None
-        if "task_ids" in input_shapes:
-            task_ids = jnp.zeros(input_shapes["task_ids"], input_types.get("task_ids", jnp.int32))
+        task_ids = {
+            name: jnp.zeros(input_shapes[name], input_types.get(name, jnp.int32))
+            for name in _TASK_ID_INPUTS
+            if name in input_shapes
+        }
+        encoder_tokens = ones("encoder_input_tokens")
+        positions = {name: ones(name) for name in _OPTIONAL_INPUTS}
+        if positions["encoder_positions"] is not None:
+            # Packed rows: position 0.. so that prompt slots exist where a prompt goes.
+            positions["encoder_positions"] = jnp.zeros_like(positions["encoder_positions"])
+            encoder_tokens = jnp.full_like(encoder_tokens, packing.PROMPT_SLOT_ID)
         variables = self.module.init(
             {"params": rng},
-            ones("encoder_input_tokens"),
+            encoder_tokens,
             decoder_tokens,
             decoder_tokens,
-            **{name: ones(name) for name in _OPTIONAL_INPUTS},
-            task_ids=task_ids,
+            **positions,
+            **task_ids,
             decode=False,
             enable_dropout=False,
         )
@@ -246,7 +270,7 @@ class EncoderDecoderModel:
             batch["decoder_input_tokens"],
             batch["decoder_target_tokens"],
             **{name: batch.get(name) for name in _OPTIONAL_INPUTS},
-            task_ids=batch.get("task_ids"),
+            **{name: batch[name] for name in _TASK_ID_INPUTS if name in batch},
             decode=False,
             enable_dropout=rngs is not None,
             rngs=rngs,
@@ -314,7 +338,9 @@ class EncoderDecoderModel:
             z_loss=self.z_loss,
             loss_normalizing_factor=factor,
         )
-        metrics = compute_base_metrics(logits, targets, weights, loss, z_loss, weight_sum)
+        metrics = compute_base_metrics(
+            logits, targets, weights, loss, z_loss, weight_sum, batch.get("decoder_segment_ids")
+        )
         if aux_losses:
             # Auxiliary losses are defined against a per-token mean cross-entropy (as in
             # the codebases they come from); scale them to this loss's normalisation.

@@ -12,7 +12,11 @@ attribute's name and one regex selects them):
 * `hyperprompt` (attention hook): returns per-layer key/value prefixes for every
   encoder and decoder self-attention (HyperPrompt). Protocol `PrefixGenerator`.
 
-Both receive `task_ids [batch]` so one batch may mix tasks.
+Both receive `task_ids [batch]` so one batch may mix tasks. Packed rows (segment ids
+given; `packing` explains the layout) carry one task id per position instead,
+`encoder_task_ids [batch, enc_length]` and `decoder_task_ids [batch, dec_length]`, and
+the hooks keep every packed example as it is alone: its own prompt in its own prompt
+slots, its own task's prefixes.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from hyperprompt_jax import layers
+from hyperprompt_jax import layers, packing
 from hyperprompt_jax.config import T5Config
+from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
 PrefixKV = layers.PrefixKV
@@ -34,7 +39,12 @@ LayerPrefixes = Dict[str, Sequence[PrefixKV]]
 
 
 class InputConditioner(Protocol):
-    """Input hook: conditions the encoder input embeddings (a Flax module)."""
+    """Input hook: conditions the encoder input embeddings (a Flax module).
+
+    `length` is the number of prompt positions it adds per example (the prompt slots a
+    packed row reserves in front of every example)."""
+
+    length: int
 
     def __call__(
         self,
@@ -44,9 +54,11 @@ class InputConditioner(Protocol):
         task_ids: Optional[Array],
         deterministic: bool,
         embedding_table: Array,
+        segments: Optional[packing.Segments] = None,
     ) -> Tuple[Array, Array]:
         """`[batch, length, emb_dim]`, `[batch, length]` -> `[batch, length', emb_dim]`,
-        `[batch, length']` (1 = real position).
+        `[batch, length']` (1 = real position). Packed rows (`segments`; `task_ids`
+        `[batch, length]`): the same shapes, each example's prompt in its slots.
 
         `embedding_table` is the float32 token embedding `[vocab, emb_dim]`, for
         initialisers that start from vocabulary embeddings (sampled, class labels):
@@ -69,9 +81,12 @@ class PrefixGenerator(Protocol):
         stack: str,
         batch_size: int,
         deterministic: bool,
+        length: Optional[int] = None,
     ) -> Sequence[PrefixKV]:
-        """Returns one `(key, value)` pair `[batch, prefix, heads, head_dim]` per layer
-        of `stack` ('encoder' or 'decoder') of the network described by `config`."""
+        """Returns one `layers.PrefixKV` (key, value `[batch, prefix, heads, head_dim]`)
+        per layer of `stack` ('encoder' or 'decoder') of the network described by
+        `config`. With `length` (packed rows), `task_ids` is `[batch, length]`, one per
+        query position, and each prefix's `bias` says which query sees which column."""
 
 
 def _dropout(cfg: T5Config, x: Array, deterministic: bool, broadcast: bool = True) -> Array:
@@ -324,24 +339,66 @@ class Transformer(nn.Module):
         self.decoder = Decoder(config=cfg, shared_embedding=self.shared_embedding)
 
     def _prefixes(
-        self, task_ids: Optional[Array], stack: str, batch_size: int, deterministic: bool
+        self,
+        task_ids: Optional[Array],
+        stack: str,
+        batch_size: int,
+        deterministic: bool,
+        length: Optional[int] = None,
     ) -> Optional[Sequence[PrefixKV]]:
+        """The hyperprompt hook's prefixes; `length`: per-position task ids (packed)."""
         if self.hyperprompt is None:
             return None
+        kwargs = {} if length is None else {"length": length}
         return self.hyperprompt(
             task_ids,
             config=self.config,
             stack=stack,
             batch_size=batch_size,
             deterministic=deterministic,
+            **kwargs,
         )
 
-    def _encoder_input_mask(self, encoder_input_tokens: Array) -> Array:
-        """`[batch, length]` -> mask of the encoded sequence `[batch, length']`."""
+    def _encoder_input_mask(self, encoder_input_tokens: Array, packed: bool = False) -> Array:
+        """`[batch, length]` -> mask of the encoded sequence `[batch, length']` (packed
+        rows hold their prompts in their slots: `length' = length`)."""
         mask = encoder_input_tokens > 0
-        if self.prompt is not None:
+        if self.prompt is not None and not packed:
             mask = self.prompt.extend_mask(mask)
         return mask
+
+    def _condition_inputs(
+        self,
+        encoder_input_tokens: Array,
+        embedded: Array,
+        input_mask: Array,
+        encoder_segment_ids: Optional[Array],
+        encoder_positions: Optional[Array],
+        task_ids: Optional[Array],
+        deterministic: bool,
+    ) -> Tuple[Array, Array]:
+        """The input hook on unpacked rows (prompt prepended) or packed rows (prompt
+        written into every example's slots; a row whose slots do not hold
+        `packing.PROMPT_SLOT_ID` becomes NaN rather than lose real tokens)."""
+        kwargs = dict(
+            task_ids=task_ids,
+            deterministic=deterministic,
+            embedding_table=self.shared_embedding.embedding,
+        )
+        if encoder_segment_ids is None:
+            return self.prompt(embedded, input_mask, **kwargs)
+        if encoder_positions is None:
+            raise UserError(
+                "Packed inputs with a prompt need encoder_positions (seqio's packing gives "
+                "them) to find every example's prompt slots."
+            )
+        segments = packing.Segments(encoder_segment_ids, encoder_positions)
+        slots = segments.prompt_slots(self.prompt.length)
+        slots_hold_prompts = jnp.all(
+            ~slots | (encoder_input_tokens == packing.PROMPT_SLOT_ID), axis=1
+        )
+        embedded = jnp.where(slots_hold_prompts[:, None, None], embedded, jnp.nan)
+        return self.prompt(embedded, input_mask, segments=segments, **kwargs)
 
     def encode(
         self,
@@ -350,10 +407,13 @@ class Transformer(nn.Module):
         enable_dropout: bool = True,
         *,
         task_ids: Optional[Array] = None,
+        encoder_positions: Optional[Array] = None,
     ) -> Array:
         """Encodes `[batch, length]` tokens -> `[batch, length', emb_dim]`.
 
-        `length'` is `length` plus the prompt length when an input hook is attached.
+        `length'` is `length` plus the prompt length when an input hook is attached to
+        unpacked rows. Packed rows (`encoder_segment_ids`, `encoder_positions`) keep
+        their length and take `task_ids [batch, length]` (one per position).
         """
         cfg = self.config
         if encoder_input_tokens.ndim != 2:
@@ -364,17 +424,14 @@ class Transformer(nn.Module):
         embedded = self.shared_embedding(encoder_input_tokens.astype("int32"))
         input_mask = encoder_input_tokens > 0
         if self.prompt is not None:
-            if encoder_segment_ids is not None:
-                raise ValueError(
-                    "Packed inputs (encoder_segment_ids) cannot be combined with a prompt: "
-                    "the prompt would be shared across packed examples. Disable packing."
-                )
-            embedded, input_mask = self.prompt(
+            embedded, input_mask = self._condition_inputs(
+                encoder_input_tokens,
                 embedded,
                 input_mask,
-                task_ids=task_ids,
-                deterministic=deterministic,
-                embedding_table=self.shared_embedding.embedding,
+                encoder_segment_ids,
+                encoder_positions,
+                task_ids,
+                deterministic,
             )
         encoder_mask = layers.make_attention_mask(input_mask, input_mask, dtype=cfg.dtype)
         if encoder_segment_ids is not None:
@@ -384,7 +441,8 @@ class Transformer(nn.Module):
                     encoder_segment_ids, encoder_segment_ids, jnp.equal, dtype=cfg.dtype
                 ),
             )
-        prefixes = self._prefixes(task_ids, "encoder", embedded.shape[0], deterministic)
+        length = None if encoder_segment_ids is None else embedded.shape[1]
+        prefixes = self._prefixes(task_ids, "encoder", embedded.shape[0], deterministic, length)
         return self.encoder(embedded, encoder_mask, deterministic=deterministic, prefixes=prefixes)
 
     def decode(
@@ -402,9 +460,14 @@ class Transformer(nn.Module):
         *,
         task_ids: Optional[Array] = None,
     ) -> Array:
-        """Decodes given the encoder output; returns float32 logits `[batch, length, vocab]`."""
+        """Decodes given the encoder output; returns float32 logits `[batch, length, vocab]`.
+
+        Packed rows (`decoder_segment_ids`) take `task_ids [batch, length]`, one per
+        decoder position."""
         cfg = self.config
-        encoder_valid = self._encoder_input_mask(encoder_input_tokens)
+        encoder_valid = self._encoder_input_mask(
+            encoder_input_tokens, packed=encoder_segment_ids is not None
+        )
         if encoder_valid.shape[1] != encoded.shape[1]:
             raise ValueError(
                 f"encoded has length {encoded.shape[1]} but the encoder inputs (with any "
@@ -437,7 +500,10 @@ class Transformer(nn.Module):
                 ),
             )
         deterministic = not enable_dropout
-        prefixes = self._prefixes(task_ids, "decoder", decoder_input_tokens.shape[0], deterministic)
+        packed_length = None if decoder_segment_ids is None else decoder_input_tokens.shape[1]
+        prefixes = self._prefixes(
+            task_ids, "decoder", decoder_input_tokens.shape[0], deterministic, packed_length
+        )
         return self.decoder(
             encoded,
             decoder_input_tokens=decoder_input_tokens,
@@ -461,6 +527,8 @@ class Transformer(nn.Module):
         decoder_positions: Optional[Array] = None,
         *,
         task_ids: Optional[Array] = None,
+        encoder_task_ids: Optional[Array] = None,
+        decoder_task_ids: Optional[Array] = None,
         enable_dropout: bool = True,
         decode: bool = False,
     ) -> Array:
@@ -471,21 +539,37 @@ class Transformer(nn.Module):
           decoder_input_tokens: `[batch, dec_length]` (targets shifted right).
           decoder_target_tokens: `[batch, dec_length]`, 0 = padding.
           encoder_segment_ids / decoder_segment_ids: packing ids `[batch, length]`.
-          encoder_positions / decoder_positions: packing positions (unused, as in t5x:
-            T5 uses relative positions).
+          encoder_positions / decoder_positions: packing positions (T5 attends with
+            relative positions; `encoder_positions` locate the prompt slots of packed
+            rows).
           task_ids: `[batch]` int32 task index per example (task-conditioned methods).
+          encoder_task_ids / decoder_task_ids: packed rows' task ids, one per position
+            `[batch, length]` (`packing`); they replace `task_ids`.
           enable_dropout: dropout (and SMoP router noise) on.
           decode: prepare / use the autoregressive cache.
 
         Returns:
           `[batch, dec_length, vocab_size]` float32 logits.
         """
-        del encoder_positions  # T5 attends with relative positions only.
+        if encoder_task_ids is not None or decoder_task_ids is not None:
+            if encoder_segment_ids is None:
+                raise UserError(
+                    "encoder_task_ids / decoder_task_ids are for packed rows (with "
+                    "encoder_segment_ids); unpacked rows take task_ids [batch]."
+                )
+            if task_ids is not None:
+                raise UserError(
+                    "Packed rows take per-position encoder_task_ids / decoder_task_ids, "
+                    "not task_ids [batch]; pass one or the other."
+                )
+        else:
+            encoder_task_ids = decoder_task_ids = task_ids
         encoded = self.encode(
             encoder_input_tokens,
             encoder_segment_ids=encoder_segment_ids,
             enable_dropout=enable_dropout,
-            task_ids=task_ids,
+            task_ids=encoder_task_ids,
+            encoder_positions=encoder_positions,
         )
         return self.decode(
             encoded,
@@ -497,7 +581,7 @@ class Transformer(nn.Module):
             decoder_positions=decoder_positions,
             enable_dropout=enable_dropout,
             decode=decode,
-            task_ids=task_ids,
+            task_ids=decoder_task_ids,
         )
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 
-from hyperprompt_jax import prompt_files
+from hyperprompt_jax import packing, prompt_files
 from hyperprompt_jax import task_ids as task_ids_lib
 from hyperprompt_jax.errors import UserError
 
@@ -320,7 +320,8 @@ def check_embedded(embedded: Array, mask: Array) -> None:
 
 class InputHook:
     """What every prompt input hook does around its own prompt (mixed into `SoftPrompt`
-    and `smop.SMoP`): validate the inputs, create the prompt parameter, prepend it.
+    and `smop.SMoP`): validate the inputs, create the prompt parameter, prepend it to an
+    unpacked row or write it into each example's slots of a packed row (`packing`).
 
     The module provides `length` (prompt positions prepended), `max_length` (optional
     encoder budget including the prompt), `combination` and `prompt_init`.
@@ -335,11 +336,35 @@ class InputHook:
         """For `__post_init__`: a positive length that leaves room in `max_length`."""
         check_prompt_length(self.length, self.max_length)
 
-    def _input_shape(self, embedded_inputs: Array, input_mask: Array) -> Tuple[int, int, int]:
-        """Validates `[B, L, E]` / `[B, L]` inputs and the budget; returns `(B, L, E)`."""
+    def _input_shape(
+        self,
+        embedded_inputs: Array,
+        input_mask: Array,
+        segments: packing.Segments | None = None,
+    ) -> Tuple[int, int, int]:
+        """Validates `[B, L, E]` / `[B, L]` inputs and the budget; returns `(B, L, E)`.
+
+        Packed rows already hold the prompt slots, so their length is the budget."""
         check_embedded(embedded_inputs, input_mask)
         batch, length, emb_dim = embedded_inputs.shape
-        check_inputs_fit(length, self.length, self.max_length)
+        if segments is None:
+            check_inputs_fit(length, self.length, self.max_length)
+            return batch, length, emb_dim
+        if not isinstance(self.combination, Prefix):
+            raise UserError(
+                f"Packed rows put each example's prompt in front of its inputs (Prefix); "
+                f"{type(self.combination).__name__} cannot be packed: set pack=False."
+            )
+        if segments.ids.shape != (batch, length) or segments.positions.shape != (batch, length):
+            raise UserError(
+                f"Packed segment ids {tuple(segments.ids.shape)} and positions "
+                f"{tuple(segments.positions.shape)} must be [batch, length] = {(batch, length)}."
+            )
+        if self.max_length is not None and length > self.max_length:
+            raise UserError(
+                f"Packed rows of length {length} (prompts included) exceed max_length="
+                f"{self.max_length}; set the inputs feature length to at most {self.max_length}."
+            )
         return batch, length, emb_dim
 
     def _prompt_param(
@@ -358,8 +383,22 @@ class InputHook:
         embedded, mask = self.combination(prompt_BPE, embedded_inputs, input_mask)
         return nn.with_logical_constraint(embedded, ("batch", "length", "embed")), mask
 
+    def _fill_slots(
+        self,
+        prompt_BLE: Array,
+        embedded_inputs: Array,
+        input_mask: Array,
+        segments: packing.Segments,
+    ) -> Tuple[Array, Array]:
+        """Packed rows: `prompt_BLE` (each position's prompt vector) replaces the
+        embeddings of the prompt slots; `[B, L, E]`, `[B, L]` (the mask is unchanged)."""
+        slots = segments.prompt_slots(self.length)[..., None]
+        embedded = jnp.where(slots, prompt_BLE.astype(embedded_inputs.dtype), embedded_inputs)
+        return nn.with_logical_constraint(embedded, ("batch", "length", "embed")), input_mask
+
     def extend_mask(self, input_mask: Array) -> Array:
-        """`[B, L]` -> `[B, P + L]`, the mask the hook returns, without embeddings."""
+        """`[B, L]` -> `[B, P + L]`, the mask the hook returns, without embeddings
+        (unpacked rows; a packed row's mask is unchanged)."""
         return self.combination.extend_mask(input_mask, self.length)
 
 
@@ -400,10 +439,13 @@ class SoftPrompt(InputHook, nn.Module):
         task_ids: Array | None = None,
         deterministic: bool = True,
         embedding_table: Array | None = None,
+        segments: packing.Segments | None = None,
     ) -> Tuple[Array, Array]:
-        """`[B, L, E]`, `[B, L]` -> `[B, P + L, E]`, `[B, P + L]`."""
+        """`[B, L, E]`, `[B, L]` -> `[B, P + L, E]`, `[B, P + L]`; for packed rows
+        (`segments`, `task_ids [B, L]`) `[B, L, E]`, `[B, L]` with every example's
+        prompt in its slots."""
         del deterministic
-        batch, _, emb_dim = self._input_shape(embedded_inputs, input_mask)
+        batch, length, emb_dim = self._input_shape(embedded_inputs, input_mask, segments)
         if self.num_tasks is None:
             shape, axes = (self.length, emb_dim), ("prompt", "prompt_embed")
         else:
@@ -412,6 +454,18 @@ class SoftPrompt(InputHook, nn.Module):
                 ("tasks", "prompt", "prompt_embed"),
             )
         prompt = self._prompt_param("prompt", shape, axes, embedding_table)
+        if segments is not None:
+            if self.num_tasks is None:
+                rows = jnp.clip(segments.positions, 0, self.length - 1)
+                prompt_BLE = jnp.take(prompt, rows, axis=0)
+            else:
+                ids = task_ids_lib.validate_task_ids(
+                    task_ids, self.num_tasks, batch_size=batch, module="SoftPrompt", length=length
+                )
+                prompt_BLE = task_ids_lib.gather_task_positions(
+                    prompt, ids, segments.positions, self.num_tasks
+                )
+            return self._fill_slots(prompt_BLE, embedded_inputs, input_mask, segments)
         if self.num_tasks is None:
             prompt_BPE = jnp.broadcast_to(prompt[None], (batch, self.length, emb_dim))
         else:

@@ -61,7 +61,8 @@ router perturbation), so it is off by default here and `load_balancing_weight = 
 Router statistics are sown into the `'intermediates'` collection on every call
 (retrieve them with `mutable=['intermediates']`):
 
-* `router_probs` `[B, k]`: softmax probabilities (rows sum to 1).
+* `router_probs` `[B, k]`: softmax probabilities (rows sum to 1); packed rows
+  (`packing`) sow their mean over the batch's examples, `[k]`.
 * `prompt_fraction` `[k]`: fraction of the batch's prompt selections that went to each
   prompt (top-1: fraction of examples per prompt; dense: weighted by probability).
 * `mean_max_prob` `[]`: batch mean of the largest router probability.
@@ -82,7 +83,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from hyperprompt_jax import layers, prompts
+from hyperprompt_jax import layers, packing, prompts
 from hyperprompt_jax.errors import UserError
 
 Array = jax.Array
@@ -318,43 +319,72 @@ class SMoP(prompts.InputHook, nn.Module):
         task_ids: Array | None = None,
         deterministic: bool = True,
         embedding_table: Array | None = None,
+        segments: packing.Segments | None = None,
     ) -> Tuple[Array, Array]:
-        """`[B, L, E]`, `[B, L]` -> `[B, l + L, E]`, `[B, l + L]`. `task_ids` are unused."""
+        """`[B, L, E]`, `[B, L]` -> `[B, l + L, E]`, `[B, l + L]`. `task_ids` are unused.
+
+        Packed rows (`segments`): every example is routed on the mean of its own tokens
+        and its prompt written into its slots; `[B, L, E]`, `[B, L]`. Routing then runs
+        on `N = B * L` example rows, of which the `present` ones hold an example.
+        """
         del task_ids
-        _, _, emb_dim = self._input_shape(embedded_inputs, input_mask)
+        _, _, emb_dim = self._input_shape(embedded_inputs, input_mask, segments)
         prompts_KPE = self._prompt_param(
             "prompts",
             (self.num_prompts, self.length, emb_dim),
             ("prompt_experts", "prompt", "prompt_embed"),
             embedding_table,
         )
-        sentence_BE = masked_mean(embedded_inputs, input_mask)
+        present_N = None
+        if segments is None:
+            sentence_NE = masked_mean(embedded_inputs, input_mask)
+        else:
+            tokens_BL = input_mask & ~segments.prompt_slots(self.length)
+            sentence_NE, positions_N = segments.example_mean(embedded_inputs, tokens_BL)
+            present_N = positions_N > 0
         # The router runs in float32 whatever the activation dtype: its softmax decides
         # discrete choices.
-        logits_BK = layers.DenseGeneral(
+        logits_NK = layers.DenseGeneral(
             self.num_prompts,
             dtype=jnp.float32,
             kernel_init=self.router_init,
             kernel_axes=("prompt_embed", "prompt_experts"),
             name="router",
-        )(sentence_BE)
+        )(sentence_NE)
         rng = None if deterministic else self.make_rng("dropout")
-        weights_BK, probs_BK = self.routing(logits_BK, deterministic=deterministic, rng=rng)
-        prompt_BPE = jnp.einsum("bk,kpe->bpe", weights_BK, prompts_KPE)
+        weights_NK, probs_NK = self.routing(logits_NK, deterministic=deterministic, rng=rng)
+        self._sow_statistics(weights_NK, probs_NK, present_N, deterministic)
 
-        self.sow("intermediates", "router_probs", probs_BK)
+        if segments is None:
+            prompt_BPE = jnp.einsum("bk,kpe->bpe", weights_NK, prompts_KPE)
+            return self._prepend(prompt_BPE, embedded_inputs, input_mask)
+        weights_BLK = segments.per_position(weights_NK)
+        slot_BLP = jax.nn.one_hot(segments.positions, self.length, dtype=weights_BLK.dtype)
+        prompt_BLE = jnp.einsum("blk,blp,kpe->ble", weights_BLK, slot_BLP, prompts_KPE)
+        return self._fill_slots(prompt_BLE, embedded_inputs, input_mask, segments)
+
+    def _sow_statistics(
+        self, weights_NK: Array, probs_NK: Array, present_N: Array | None, deterministic: bool
+    ) -> None:
+        """Router statistics (and the load-balancing loss) over the examples: the N rows,
+        or the `present` ones of packed rows. `router_probs` is `[B, k]` unpacked and
+        the mean over the examples `[k]` when packed."""
+        packed = present_N is not None
+        if not packed:
+            present_N = jnp.ones(probs_NK.shape[:1], bool)
+        present = present_N.astype(jnp.float32)[:, None]
+        num_examples = jnp.maximum(jnp.sum(present), 1.0)
+        mean_probs_K = jnp.sum(probs_NK * present, 0) / num_examples
+        self.sow("intermediates", "router_probs", mean_probs_K if packed else probs_NK)
         if self.routing.selects_prompts:
-            selections = (weights_BK != 0).astype(jnp.float32)
+            selections = (weights_NK != 0).astype(jnp.float32) * present
         else:
-            selections = probs_BK
+            selections = probs_NK * present
         fraction_K = jnp.sum(selections, 0) / jnp.maximum(jnp.sum(selections), 1.0)
         self.sow("intermediates", "prompt_fraction", fraction_K)
         if self.load_balancing_weight > 0.0 and not deterministic:
             # k * sum_i mean_prob_i * load_i: 1 when balanced; the load is not differentiated.
-            balance = self.num_prompts * jnp.sum(
-                jnp.mean(probs_BK, 0) * jax.lax.stop_gradient(fraction_K)
-            )
+            balance = self.num_prompts * jnp.sum(mean_probs_K * jax.lax.stop_gradient(fraction_K))
             self.sow("aux_losses", "load_balancing", self.load_balancing_weight * balance)
-        self.sow("intermediates", "mean_max_prob", jnp.mean(jnp.max(probs_BK, -1)))
-
-        return self._prepend(prompt_BPE, embedded_inputs, input_mask)
+        max_prob = jnp.sum(jnp.max(probs_NK, -1) * present[:, 0]) / num_examples
+        self.sow("intermediates", "mean_max_prob", max_prob)

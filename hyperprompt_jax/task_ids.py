@@ -38,17 +38,20 @@ def validate_task_ids(
     *,
     batch_size: int | None = None,
     module: str = "This module",
+    length: int | None = None,
 ) -> Array:
     """Checks `task_ids` where they enter a task-conditioned module.
 
     Args:
-      task_ids: `[batch]` integer task index per example (or None).
+      task_ids: `[batch]` integer task index per example (or None); with `length`,
+        `[batch, length]`, one per position of packed rows (`packing`).
       num_tasks: number of tasks the module has parameters for (gin macro NUM_TASKS).
       batch_size: expected batch size, if known.
       module: name used in error messages.
+      length: the row length of per-position ids (packed rows); None: one per row.
 
     Returns:
-      `task_ids` as int32 `[batch]`.
+      `task_ids` as int32 `[batch]` (or `[batch, length]`).
 
     Raises:
       ValueError: missing ids, a wrong shape or dtype, or (for concrete arrays) an id
@@ -64,8 +67,13 @@ def validate_task_ids(
         task_ids = np.asarray(task_ids)
     if not jnp.issubdtype(task_ids.dtype, jnp.integer):
         raise UserError(f"task_ids must be integers, got dtype {task_ids.dtype}.")
-    if task_ids.ndim != 1:
+    if length is None and task_ids.ndim != 1:
         raise UserError(f"task_ids must be [batch], got shape {tuple(task_ids.shape)}.")
+    if length is not None and tuple(task_ids.shape[1:]) != (length,):
+        raise UserError(
+            f"Per-position task ids of packed rows must be [batch, {length}], got shape "
+            f"{tuple(task_ids.shape)}."
+        )
     if batch_size is not None and task_ids.shape[0] != batch_size:
         raise UserError(
             f"task_ids has {task_ids.shape[0]} entries but the batch has {batch_size} examples."
@@ -103,3 +111,27 @@ def gather_tasks(table: Array, task_ids: Array, num_tasks: int, axis: int = 0) -
     # mode='fill' replaces its row with NaN.
     safe_ids = jnp.where(valid, task_ids, num_tasks)
     return jnp.take(table, safe_ids, axis=axis, mode="fill", fill_value=jnp.nan)
+
+
+def gather_task_positions(
+    table_TPE: Array, task_ids_BL: Array, positions_BL: Array, num_tasks: int
+) -> Array:
+    """`table[task_ids, positions]`: each position's row of its task's table.
+
+    Args:
+      table_TPE: `[tasks, P, E]` (e.g. one prompt per task).
+      task_ids_BL: int `[B, L]` task of every position.
+      positions_BL: int `[B, L]`, clipped to `[0, P)`.
+      num_tasks: size of the task axis.
+
+    Returns:
+      `[B, L, E]`; NaN where the task id is outside `[0, num_tasks)` (as `gather_tasks`).
+    """
+    if table_TPE.shape[0] != num_tasks:
+        raise UserError(f"Task table has {table_TPE.shape[0]} entries, expected {num_tasks}.")
+    length = table_TPE.shape[1]
+    valid = (task_ids_BL >= 0) & (task_ids_BL < num_tasks)
+    flat = task_ids_BL * length + jnp.clip(positions_BL, 0, length - 1)
+    flat = jnp.where(valid, flat, num_tasks * length)
+    table = table_TPE.reshape((num_tasks * length,) + table_TPE.shape[2:])
+    return jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)

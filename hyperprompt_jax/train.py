@@ -74,6 +74,21 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def _check_prompt_slots(converter: seqio.FeatureConverter, model: Any) -> None:
+    """Packed rows must reserve exactly the model's prompt positions per example
+    (`packing`): too few would overwrite real tokens, too many would feed the model
+    slot tokens as text."""
+    if not getattr(converter, "pack", False):
+        return
+    slots = getattr(converter, "prompt_length", 0)
+    wanted = getattr(model, "input_prompt_length", 0)
+    if slots != wanted:
+        raise UserError(
+            f"The feature converter packs {slots} prompt slots per example but the model's "
+            f"input prompt has {wanted} positions; build it with prompt_length={wanted}."
+        )
+
+
 def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -174,8 +189,9 @@ def train(
     if trainable_patterns == _FROM_GIN_MACRO:
         trainable_patterns = gin_utils.query_macro("TRAINABLE_PATTERNS", None)
     converter = feature_converter or data.default_feature_converter(
-        train_dataset_cfg.pack, num_tasks=num_tasks
+        train_dataset_cfg.pack, num_tasks=num_tasks, prompt_length=model.input_prompt_length
     )
+    _check_prompt_slots(converter, model)
     partitioner = partitioner or partitioning_lib.Partitioner()
     for cfg, macro in ((train_dataset_cfg, "BATCH_SIZE"), (eval_dataset_cfg, "EVAL_BATCH_SIZE")):
         if cfg is not None:
