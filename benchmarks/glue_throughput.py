@@ -141,7 +141,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from hyperprompt_jax import partitioning, plan
+    from hyperprompt_jax import packing, partitioning, plan
     from hyperprompt_jax import trainer as trainer_lib
 
     method = args.method
@@ -160,14 +160,14 @@ def worker_ours(args: argparse.Namespace) -> dict:
     trainer = trainer_lib.from_gin(
         shapes, partitioner=partitioner, trainable_patterns=trainer_lib.FROM_GIN
     )
-    useful = 0
-    for b in batches:
-        if pack:
-            useful += int(
-                (b["encoder_segment_ids"] > 0).sum() + (b["decoder_segment_ids"] > 0).sum()
-            )
-        else:
-            useful += int((b["encoder_input_tokens"] > 0).sum() + (b["decoder_target_tokens"] > 0).sum())  # fmt: skip
+    # Non-padding tokens of the examples; packed prompt slots (token
+    # packing.PROMPT_SLOT_ID; the examples' random tokens are >= 3) are not useful work.
+    slot = packing.PROMPT_SLOT_ID
+    useful = sum(
+        int(((b["encoder_input_tokens"] > 0) & (b["encoder_input_tokens"] != slot)).sum())
+        + int((b["decoder_target_tokens"] > 0).sum())
+        for b in batches
+    )
     batches = [
         jax.device_put(b, trainer.batch_shardings({k: v.shape for k, v in b.items()}))
         for b in batches
