@@ -122,17 +122,19 @@ def worker_ours(args: argparse.Namespace) -> dict:
     first = time.perf_counter() - start
     with_compile = common.peak_rss_bytes()
     common.reset_peak_rss()  # From here on: the steady-state training peak.
-    times, losses = [], []
+    times, losses, cpu = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         losses.append(float(metrics["loss"]))
     steps_peak = common.peak_rss_bytes()  # Before the extra compile below.
     flops = common.flops_of(trainer.compiled_train_step())
     return dict(
         times=times,
+        cpu=cpu,
         first=first,
         losses=losses,
         flops=flops,
@@ -209,13 +211,15 @@ def worker_hf(args: argparse.Namespace) -> dict:
     first = time.perf_counter() - start
     first_peak = common.peak_rss_bytes()
     common.reset_peak_rss()
-    times, losses = [], []
+    times, losses, cpu = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
     return dict(
         times=times,
+        cpu=cpu,
         first=first,
         losses=losses,
         trainable=sum(p.numel() for p in params),
