@@ -60,6 +60,62 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# /proc/cpuinfo flags that decide which kernels the libraries pick (x86 vector and matrix
+# extensions); printed in the header because the same code runs at different speeds
+# with and without them (AVX-512 doubles the float32 FMA width of AVX2).
+_VECTOR_FLAG_PREFIXES = ("avx", "amx", "fma")
+
+# Environment variables that cap the instruction set a library uses, and what they cap.
+ISA_CAP_VARIABLES = {
+    "ATEN_CPU_CAPABILITY": "PyTorch's own kernels",
+    "ONEDNN_MAX_CPU_ISA": "oneDNN (PyTorch's mkldnn ops)",
+    "MKL_ENABLE_INSTRUCTIONS": "MKL (PyTorch's float32 matmuls)",
+}
+
+
+def cpu_vector_extensions() -> list[str]:
+    """The CPU's vector / matrix extensions (`avx2`, `avx512f`, `amx_bf16`, ...), sorted."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(_VECTOR_FLAG_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
+def isa_caps() -> list[str]:
+    """Instruction-set caps in effect: `--xla_cpu_max_isa` in XLA_FLAGS and the
+    PyTorch / oneDNN / MKL variables of `ISA_CAP_VARIABLES`, as `NAME=value`."""
+    caps = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if flag.startswith("--xla_cpu_max_isa")
+    ]
+    caps += [f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name)]
+    return caps
+
+
+def cap_isa(isa: str) -> None:
+    """Caps this process's (and its children's) libraries at `isa` (e.g. `AVX2`), to
+    emulate an older CPU: XLA's code generation (`--xla_cpu_max_isa`), PyTorch's
+    kernels, oneDNN and MKL.
+
+    Not capped: XNNPACK / YNNPACK, which XLA:CPU uses for its dots and which choose
+    their kernels from the CPU itself (a 2048-square float32 `jnp.dot` runs at the same
+    rate with and without `--xla_cpu_max_isa=AVX2` on an AVX-512 CPU). Under the cap our
+    matmuls still use AVX-512 while PyTorch's do not; the emulation is closest for
+    everything around the matmuls.
+    """
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_cpu_max_isa" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_cpu_max_isa={isa.upper()}"])
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.lower()
+    os.environ["ONEDNN_MAX_CPU_ISA"] = isa.upper()
+    os.environ["MKL_ENABLE_INSTRUCTIONS"] = isa.upper()
+
+
 def _memory_gib() -> Optional[float]:
     try:
         with open("/proc/meminfo") as f:
@@ -80,7 +136,8 @@ def load_average() -> tuple[float, float, float]:
 
 
 def machine_header(packages: Sequence[str] = ("jax", "jaxlib", "flax", "optax", "numpy")) -> str:
-    """A few lines naming the machine, its load and the library versions."""
+    """A few lines naming the machine, its vector extensions and any caps on them, its
+    load and the library versions."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory = _memory_gib()
     load = load_average()
@@ -90,6 +147,8 @@ def machine_header(packages: Sequence[str] = ("jax", "jaxlib", "flax", "optax", 
         f"machine: {_cpu_model()}, {cores} cores, "
         + (f"{memory:.0f} GiB RAM" if memory else "RAM unknown")
         + f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
+        "vector extensions: " + (" ".join(cpu_vector_extensions()) or "unknown"),
+        "instruction-set caps: " + (" ".join(isa_caps()) or "none"),
         f"python {platform.python_version()} ({sys.platform}); {versions}",
     ]
     if os.environ.get("XLA_FLAGS"):
@@ -229,6 +288,74 @@ def build_trainer(
     return plan.trainer_from_gin(
         partitioner or partitioning.Partitioner(), batch_size, lengths, use_feature_converter=False
     )
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def machine_busy(seconds: float = 2.0) -> float:
+    """Fraction of all cores busy over the next `seconds` (0 = idle machine)."""
+    busy0, total0 = _cpu_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_jiffies()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_quiet(max_busy: float, timeout: float) -> float:
+    """Waits (up to `timeout` s) until the machine is at most `max_busy` busy; returns it.
+
+    Says what it waits for when it has to wait, and when it gives up.
+    """
+    start = time.time()
+    busy = machine_busy()
+    if busy > max_busy:
+        progress(
+            f"waiting for an idle CPU: {busy:.0%} busy, measuring starts at <= {max_busy:.0%} "
+            f"(at most {timeout:.0f} s; --max_busy / --wait_timeout change this)"
+        )
+    while busy > max_busy and time.time() - start < timeout:
+        busy = machine_busy(min(5.0, max(0.5, timeout - (time.time() - start))))
+    if busy > max_busy:
+        progress(
+            f"CPU still {busy:.0%} busy after {time.time() - start:.0f} s; measuring anyway "
+            "(runs on a busy machine are reported but left out of the tables if quiet ones exist)"
+        )
+    return busy
+
+
+def run_json_worker(cmd: Sequence[str], what: str) -> dict:
+    """Runs a worker subprocess whose last `{...}` stdout line is its JSON result.
+
+    Returns that dict plus `others_busy`: the share of the machine's CPU time that other
+    processes used while the worker ran (machine busy time minus the worker's own).
+
+    Raises:
+      RuntimeError: the worker printed no JSON (its stderr's tail is in the message).
+    """
+    import json
+    import resource
+    import subprocess
+
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, total0 = _cpu_jiffies()
+    result = subprocess.run(list(cmd), capture_output=True, text=True)
+    busy1, total1 = _cpu_jiffies()
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hz = os.sysconf("SC_CLK_TCK")
+    own = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+    others = max(0.0, (busy1 - busy0) / hz - own) / max((total1 - total0) / hz, 1e-9)
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("{"):
+            out = json.loads(line)
+            out["others_busy"] = others
+            return out
+    raise RuntimeError(f"{what} failed:\n{result.stderr[-4000:]}")
 
 
 QUICK_HELP = (

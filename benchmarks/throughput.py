@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                  # T5.1.1-small shape, batch 8, 128 / 16
     python benchmarks/throughput.py --rounds=5 --steps=10 --variants=float32,bfloat16
     python benchmarks/throughput.py --quick          # tiny model, ~1 minute: checks it runs
+    python benchmarks/throughput.py --max_isa=AVX2   # emulate an AVX2-only CPU (see common.cap_isa)
 
 Both frameworks train the same thing: a randomly initialised T5.1.1-small-shaped
 encoder-decoder (d 512, 6 heads x 64, GeGLU MLP 1024, 8 + 8 layers, vocabulary 32128,
@@ -47,7 +48,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -81,43 +81,8 @@ def _batch_numpy(batch_size: int, inputs: int, targets: int, seed: int = 0):
     return enc, dec_in, tgt
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])
-    return total - idle, total
-
-
-def machine_busy(seconds: float = 2.0) -> float:
-    """Fraction of all cores busy over the next `seconds` (0 = idle machine)."""
-    busy0, total0 = _cpu_jiffies()
-    time.sleep(seconds)
-    busy1, total1 = _cpu_jiffies()
-    return (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def wait_until_quiet(max_busy: float, timeout: float) -> float:
-    """Waits (up to `timeout` s) until the machine is at most `max_busy` busy; returns it.
-
-    Says what it waits for when it has to wait, and when it gives up.
-    """
-    start = time.time()
-    busy = machine_busy()
-    if busy > max_busy:
-        common.progress(
-            f"waiting for an idle CPU: {busy:.0%} busy, measuring starts at <= {max_busy:.0%} "
-            f"(at most {timeout:.0f} s; --max_busy / --wait_timeout change this)"
-        )
-    while busy > max_busy and time.time() - start < timeout:
-        busy = machine_busy(min(5.0, max(0.5, timeout - (time.time() - start))))
-    if busy > max_busy:
-        common.progress(
-            f"CPU still {busy:.0%} busy after {time.time() - start:.0f} s; measuring anyway "
-            "(runs on a busy machine are reported but left out of the tables if quiet ones exist)"
-        )
-    return busy
+machine_busy = common.machine_busy
+wait_until_quiet = common.wait_until_quiet
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,17 +122,19 @@ def worker_ours(args: argparse.Namespace) -> dict:
     first = time.perf_counter() - start
     with_compile = common.peak_rss_bytes()
     common.reset_peak_rss()  # From here on: the steady-state training peak.
-    times, losses = [], []
+    times, losses, cpu = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         losses.append(float(metrics["loss"]))
     steps_peak = common.peak_rss_bytes()  # Before the extra compile below.
     flops = common.flops_of(trainer.compiled_train_step())
     return dict(
         times=times,
+        cpu=cpu,
         first=first,
         losses=losses,
         flops=flops,
@@ -244,13 +211,15 @@ def worker_hf(args: argparse.Namespace) -> dict:
     first = time.perf_counter() - start
     first_peak = common.peak_rss_bytes()
     common.reset_peak_rss()
-    times, losses = [], []
+    times, losses, cpu = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
     return dict(
         times=times,
+        cpu=cpu,
         first=first,
         losses=losses,
         trainable=sum(p.numel() for p in params),
@@ -309,23 +278,7 @@ def run_worker(kind: str, args: argparse.Namespace, **overrides) -> dict:
     )
     settings.update(overrides)
     cmd += [f"--{k}={v}" for k, v in settings.items()]
-    # CPU time of everything else during the run: machine busy time minus the worker's.
-    import resource
-
-    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0, total0 = _cpu_jiffies()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    busy1, total1 = _cpu_jiffies()
-    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    hz = os.sysconf("SC_CLK_TCK")
-    own = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
-    others = max(0.0, (busy1 - busy0) / hz - own) / max((total1 - total0) / hz, 1e-9)
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith("{"):
-            out = json.loads(line)
-            out["others_busy"] = others
-            return out
-    raise RuntimeError(f"worker {kind} {overrides} failed:\n{result.stderr[-4000:]}")
+    return common.run_json_worker(cmd, f"worker {kind} {overrides}")
 
 
 def _worker_main(args: argparse.Namespace) -> int:
@@ -358,6 +311,12 @@ def main(argv=None) -> int:
         "--wait_timeout", type=float, default=900.0, help="longest wait for an idle CPU, seconds"
     )
     parser.add_argument("--size", default="small", choices=sorted(SHAPES), help="model shape")
+    parser.add_argument(
+        "--max_isa",
+        default="",
+        help="emulate an older CPU, e.g. AVX2: caps XLA's code generation, PyTorch, oneDNN "
+        "and MKL at it (common.cap_isa says what stays uncapped)",
+    )
     common.add_quick_flag(parser)
     # Worker-only flags.
     parser.add_argument("--worker", choices=["ours", "hf", "peak"], help=argparse.SUPPRESS)
@@ -370,6 +329,8 @@ def main(argv=None) -> int:
         args, size="tiny", batch_size=2, inputs_length=16, targets_length=4, steps=2, rounds=1,
         peak_size=256, peak_repeats=2, wait_timeout=10.0,
     )  # fmt: skip
+    if args.max_isa:
+        common.cap_isa(args.max_isa)  # The workers inherit the environment.
 
     print(
         common.machine_header(("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"))

@@ -142,7 +142,17 @@ class DenseGeneral(nn.Module):
         kernel = param_with_axes(
             "kernel", self.kernel_init, kernel_param_shape, jnp.float32, axes=self.kernel_axes
         )
-        kernel = jnp.reshape(jnp.asarray(kernel, self.dtype), kernel_shape)
+        kernel = jnp.asarray(kernel, self.dtype)
+        if axis == tuple(range(inputs.ndim - len(axis), inputs.ndim)):
+            # Contracting the trailing axes: one 2-D matmul on `[rows, prod(in dims)]`.
+            # Equal to the dot_general below, but its gradients are 2-D too: XLA:CPU
+            # transposes a 3-D `[batch, length, mlp]` activation for the kernel's
+            # gradient with a strided copy about 20x slower than a 2-D transpose
+            # (benchmarks/step_profile.py; docs/benchmarks.md).
+            rows = inputs.shape[: inputs.ndim - len(axis)]
+            out = lax.dot(inputs.reshape(-1, kernel_param_shape[0]), kernel)
+            return out.reshape(rows + features)
+        kernel = jnp.reshape(kernel, kernel_shape)
         contract = tuple(range(len(axis)))
         return lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
 
