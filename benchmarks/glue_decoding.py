@@ -12,11 +12,14 @@ batches of `--batch_size`, up to `--max_decode_length` tokens:
 
 * **ours**: `EncoderDecoderModel.predict_batch` under `jax.jit`, greedy
   (`decoding.temperature_sample`, temperature 0) and beam search (`decoding.beam_search`,
-  `alpha=0`: no length normalisation); inputs padded to `--inputs_length` (the recipes'
-  fixed length) or, with `--bucket`, to the batch's longest rounded up to a multiple of
-  64 (one compilation per bucket);
+  `alpha=0`: no length normalisation), in the batches evaluation and inference use
+  (`data.decoding_batches`: longest inputs first, each batch cut to its longest input
+  rounded up to 64, one compilation per width); `--batching=fixed` pads to
+  `--inputs_length` in input order instead (or, with `--bucket`, to the batch's longest
+  rounded up to a multiple of 64);
 * **HF**: `model.generate` (greedy; `num_beams`, `length_penalty=0`), each batch padded
-  to its longest input.
+  to its longest input, in input order (`--hf_sorted=1`: in the same longest-first
+  batches as ours).
 
 Each side first decodes every batch once (compilation, warm-up), then is timed over a
 second pass. The outputs are compared token for token (tokens after EOS ignored) and
@@ -71,7 +74,7 @@ def worker_ours(args: argparse.Namespace, hf_dir: str) -> dict:
     import jax
     import numpy as np
 
-    from hyperprompt_jax import checkpoints, decoding
+    from hyperprompt_jax import checkpoints, data, decoding
 
     # The model's output vocabulary (its EOS id) is the T5 SentencePiece model.
     os.environ.setdefault("HYPERPROMPT_VOCAB", glue_shapes.spm_path())
@@ -87,6 +90,13 @@ def worker_ours(args: argparse.Namespace, hf_dir: str) -> dict:
     checkpoints.save_hf_t5(model.module.config, jax.device_get(params), hf_dir)
     inputs, source = make_inputs(args)
     batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    features = [
+        {
+            "encoder_input_tokens": _padded([row], args.inputs_length)[0],
+            "decoder_input_tokens": np.zeros(args.max_decode_length, np.int32),
+        }
+        for row in inputs
+    ]
     out = {"source": source}
     for mode in ("greedy", "beam"):
         if mode == "greedy":
@@ -114,14 +124,27 @@ def worker_ours(args: argparse.Namespace, hf_dir: str) -> dict:
             dec = np.zeros((len(rows), args.max_decode_length), np.int32)
             return np.asarray(jax.block_until_ready(predict(params, enc, dec)))
 
+        def run_all(predict=predict):
+            """Every input's tokens, in input order."""
+            if args.batching == "fixed":
+                return [row for rows in batches for row in run(rows)]
+            # What evaluation and inference do: longest inputs first, each batch cut to
+            # its longest input rounded up to data.INPUT_LENGTH_BUCKET.
+            out = [None] * len(inputs)
+            for positions, batch in data.decoding_batches(features, args.batch_size):
+                enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+                tokens = np.asarray(jax.block_until_ready(predict(params, enc, dec)))
+                for position, row in zip(positions, tokens, strict=False):
+                    out[position] = row
+            return out
+
         start = time.perf_counter()
-        for rows in batches:
-            run(rows)
+        run_all()
         warm = time.perf_counter() - start
         start = time.perf_counter()
-        decoded = [run(rows) for rows in batches]
+        decoded = run_all()
         seconds = time.perf_counter() - start
-        seqs = [_until_eos(r) for d in decoded for r in d]
+        seqs = [_until_eos(r) for r in decoded]
         out[mode] = dict(
             seconds=seconds,
             warm=warm,
@@ -138,7 +161,13 @@ def worker_hf(args: argparse.Namespace, hf_dir: str) -> dict:
     torch.set_num_threads(args.torch_threads)
     model = T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
     inputs, _ = make_inputs(args)
-    batches = [inputs[i : i + args.batch_size] for i in range(0, len(inputs), args.batch_size)]
+    order = list(range(len(inputs)))
+    if args.hf_sorted:  # The same longest-first batches as ours.
+        order.sort(key=lambda i: -len(inputs[i]))
+    batches = [
+        [inputs[i] for i in order[s : s + args.batch_size]]
+        for s in range(0, len(order), args.batch_size)
+    ]
     out = {}
     for mode in ("greedy", "beam"):
         kwargs = dict(max_new_tokens=args.max_decode_length, do_sample=False)
@@ -158,9 +187,11 @@ def worker_hf(args: argparse.Namespace, hf_dir: str) -> dict:
             run(rows)
         warm = time.perf_counter() - start
         start = time.perf_counter()
-        decoded = [run(rows) for rows in batches]
+        decoded = [r for rows in batches for r in run(rows)]
         seconds = time.perf_counter() - start
-        seqs = [_until_eos(r) for d in decoded for r in d]
+        seqs = [None] * len(inputs)
+        for position, row in zip(order, decoded, strict=True):
+            seqs[position] = _until_eos(row)
         out[mode] = dict(
             seconds=seconds,
             warm=warm,
@@ -172,7 +203,7 @@ def worker_hf(args: argparse.Namespace, hf_dir: str) -> dict:
 
 WORKER_FLAGS = (
     "benchmark", "size", "examples", "batch_size", "inputs_length", "max_decode_length",
-    "beams", "seed", "torch_threads", "bucket",
+    "beams", "seed", "torch_threads", "bucket", "batching", "hf_sorted",
 )  # fmt: skip
 
 
@@ -185,7 +216,17 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs_length", type=int, default=512)
     parser.add_argument("--max_decode_length", type=int, default=8)
     parser.add_argument("--beams", type=int, default=4)
-    parser.add_argument("--bucket", type=int, default=0, help="1: pad ours to 64-multiples")
+    parser.add_argument(
+        "--batching",
+        default="library",
+        choices=["library", "fixed"],
+        help="ours: library = evaluation's and inference's batches (longest first, cut to "
+        "the longest input, data.decoding_batches); fixed = input order, --inputs_length",
+    )
+    parser.add_argument("--bucket", type=int, default=0, help="fixed batching: 64-multiples")
+    parser.add_argument(
+        "--hf_sorted", type=int, default=0, help="1: HF decodes the same longest-first batches"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch_threads", type=int, default=2)
@@ -222,9 +263,17 @@ def main(argv=None) -> int:
     print(
         f"T5.1.1-{args.size} shape, random weights (the same in both); {args.examples} "
         f"{args.benchmark} inputs (lengths from {ours0['source']}), batch {args.batch_size}, "
-        f"up to {args.max_decode_length} tokens; ours padded to "
-        + ("the batch's longest, rounded up to 64" if args.bucket else f"{args.inputs_length}")
-        + "; HF to the batch's longest"
+        f"up to {args.max_decode_length} tokens; ours "
+        + (
+            "in evaluation's batches (longest inputs first, each batch cut to its longest "
+            "input rounded up to 64)"
+            if args.batching == "library"
+            else "padded to "
+            + ("the batch's longest, rounded up to 64" if args.bucket else f"{args.inputs_length}")
+        )
+        + "; HF "
+        + ("in the same longest-first batches" if args.hf_sorted else "in input order")
+        + ", each batch padded to its longest"
     )
     loads = [o["others_busy"] for outs in results.values() for o in outs]
     print(

@@ -440,9 +440,46 @@ def iterate_batches(
         yield put_on_mesh(local, partitioner, num_tasks=num_tasks)
 
 
-def batches_of(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int):
-    """Groups per-example feature dicts into `(valid_rows, padded batch)` of `batch_size`."""
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        stacked = {k: np.stack([np.asarray(r[k]) for r in chunk]) for k in chunk[0]}
-        yield len(chunk), pad_rows(stacked, batch_size)
+INPUT_LENGTH_BUCKET = 64
+
+
+def input_length(tokens: np.ndarray) -> int:
+    """Length of an unpadded token row `[length]`: last non-zero position + 1."""
+    nonzero = np.flatnonzero(np.asarray(tokens))
+    return int(nonzero[-1]) + 1 if nonzero.size else 0
+
+
+def decoding_batches(
+    rows: Sequence[Mapping[str, np.ndarray]],
+    batch_size: int,
+    bucket: int | None = INPUT_LENGTH_BUCKET,
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """Unpacked rows in batches for decoding and scoring, with little padding.
+
+    Rows are taken longest input first (so a batch holds inputs of similar length),
+    and each batch's `encoder_input_tokens` are cut to its longest input rounded up to
+    a multiple of `bucket` (never beyond the feature length). Outputs do not change:
+    padding is masked everywhere, and the decoder keeps its full length. Each width is
+    one compilation of the jitted step (at most feature length / `bucket` of them).
+
+    Args:
+      rows: per-example feature dicts (`[length]` arrays, one feature length).
+      batch_size: rows per batch; the last batch is filled (`pad_rows`).
+      bucket: width granularity; None keeps the feature length (one shape).
+
+    Yields:
+      `(positions in rows of the batch's valid rows, padded batch)`.
+    """
+    if bucket is not None and (not _positive_int(bucket)):
+        raise UserError(f"The input length bucket must be a positive int or None, got {bucket!r}.")
+    lengths = [input_length(r["encoder_input_tokens"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        stacked = {k: np.stack([np.asarray(rows[i][k]) for i in chunk]) for k in rows[chunk[0]]}
+        if bucket is not None:
+            full = stacked["encoder_input_tokens"].shape[1]
+            longest = max(lengths[i] for i in chunk)
+            width = min(full, max(bucket, -(-longest // bucket) * bucket))
+            stacked["encoder_input_tokens"] = stacked["encoder_input_tokens"][:, :width]
+        yield chunk, pad_rows(stacked, batch_size)

@@ -152,13 +152,14 @@ class SeqioEvaluation:
             )
 
     def _batches(self, ds) -> Any:
-        """Yields `(indices, valid_rows, global_batch)` of `batch_size` rows."""
-        batch_size = self.cfg.batch_size
-        for indices, features in ds.batch(batch_size).as_numpy_iterator():
-            batch = data.pad_rows(features, batch_size)  # Padded rows' outputs are dropped.
+        """Yields `(indices, valid_rows, global_batch)` of `batch_size` rows: longest
+        inputs first, each batch's inputs cut to its longest (`data.decoding_batches`)."""
+        items = list(ds.as_numpy_iterator())  # (index, features) per example
+        rows = [features for _, features in items]
+        for positions, batch in data.decoding_batches(rows, self.cfg.batch_size):
             yield (
-                indices,
-                len(indices),
+                [items[p][0] for p in positions],
+                len(positions),  # Padded rows' outputs are dropped.
                 data.put_on_mesh(
                     batch, self.trainer.partitioner, whole=True, num_tasks=self.num_tasks
                 ),

@@ -210,10 +210,14 @@ def infer(
     vocabulary = model.output_vocabulary
 
     def predict(features: Sequence[dict]) -> Iterator[np.ndarray]:
-        for n, batch in data.batches_of(features, batch_size):
+        """Decoded tokens of every feature dict, in their order."""
+        out: list[np.ndarray | None] = [None] * len(features)
+        for positions, batch in data.decoding_batches(features, batch_size):
             arrays = data.put_on_mesh(batch, trainer.partitioner, whole=True, num_tasks=num_tasks)
             tokens = np.asarray(trainer.predict_step(params, arrays, decoder_params))
-            yield from tokens[:n]
+            for position, row in zip(positions, tokens, strict=False):
+                out[position] = row
+        yield from out
 
     records = []
     if input_file:
