@@ -286,7 +286,11 @@ def build_trainer(
     method_gin, method_bindings = METHODS[method]
     plan.parse_run_gin([model_gin, method_gin], [*method_bindings, *bindings], import_tasks=False)
     return plan.trainer_from_gin(
-        partitioner or partitioning.Partitioner(), batch_size, lengths, use_feature_converter=False
+        partitioner or partitioning.Partitioner(),
+        batch_size,
+        lengths,
+        pack=False,
+        use_feature_converter=False,
     )
 
 

@@ -231,12 +231,38 @@ def _gin_batch_size() -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
+def input_shapes(
+    batch_size: int, task_feature_lengths: Mapping[str, int], pack: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """The model features of encoder-decoder batches and their shapes.
+
+    What `data.default_feature_converter(pack)` produces (seqio's
+    `EncDecFeatureConverter` plus `task_ids [batch]`, or, packed, segment ids,
+    positions and per-position task ids), written out so that callers that only need
+    shapes do not import seqio and TensorFlow.
+    """
+    inputs, targets = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    shapes = {
+        "encoder_input_tokens": (batch_size, inputs),
+        "decoder_input_tokens": (batch_size, targets),
+        "decoder_target_tokens": (batch_size, targets),
+        "decoder_loss_weights": (batch_size, targets),
+    }
+    if not pack:
+        return {**shapes, "task_ids": (batch_size,)}
+    for stack, length in (("encoder", inputs), ("decoder", targets)):
+        for name in ("segment_ids", "positions", "task_ids"):
+            shapes[f"{stack}_{name}"] = (batch_size, length)
+    return shapes
+
+
 def trainer_from_gin(
     partitioner: partitioning_lib.Partitioner,
     batch_size: int,
     task_feature_lengths: Mapping[str, int],
     trainable_patterns: Any = _FROM_GIN,
     pack: bool | None = None,
+    use_feature_converter: bool = True,
 ) -> trainer_lib.Trainer:
     """A `Trainer` for the parsed gin's `MODEL`, method and optimiser (no weights made).
 
@@ -247,17 +273,22 @@ def trainer_from_gin(
       trainable_patterns: default: the gin macro `TRAINABLE_PATTERNS` (unset = all).
       pack: the batches' layout (packed rows: `packing`); None: the gin macro `PACK`
         (runs/finetune.gin), unpacked if unset.
+      use_feature_converter: take the input shapes from the feature converter `train`
+        uses (imports seqio); False: `input_shapes` (the same shapes).
 
     Raises:
       ValueError: a configuration error of the model, the method or the batch size.
     """
-    from hyperprompt_jax import data
-
     if pack is None:
         pack = bool(gin_utils.query_macro("PACK", False))
-    # The shapes the launcher's feature converter gives (prompt slots change no shape).
-    converter = data.default_feature_converter(pack=pack)
-    shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
+    if use_feature_converter:
+        from hyperprompt_jax import data
+
+        # The shapes the launcher's converter gives (prompt slots change no shape).
+        converter = data.default_feature_converter(pack=pack)
+        shapes = converter.model_input_shapes(dict(task_feature_lengths), batch_size)
+    else:
+        shapes = input_shapes(batch_size, task_feature_lengths, pack)
     # The launchers' one factory: MODEL, the method's optimiser and schedule from gin.
     return trainer_lib.from_gin(
         shapes,

@@ -245,3 +245,13 @@ def test_train_refuses_a_converter_with_other_prompt_slots():
     )
     # Unpacked rows have no slots: the model prepends its prompt.
     train._check_prompt_slots(feature_converters.EncDecTaskIdFeatureConverter(), model)
+
+
+def test_plans_shapes_without_seqio_are_the_converters():
+    """`plan.input_shapes` (no seqio import, for benchmarks) matches the converter."""
+    from hyperprompt_jax import plan
+
+    lengths = {"inputs": 12, "targets": 4}
+    for pack in (False, True):
+        converter = feature_converters.EncDecTaskIdFeatureConverter(pack=pack)
+        assert plan.input_shapes(3, lengths, pack) == converter.model_input_shapes(lengths, 3)
