@@ -259,17 +259,24 @@ def test_converter_without_task_ids_uses_default_or_fails_clearly():
 
 
 def test_converter_packing():
-    with pytest.raises(ValueError, match="pack=True\\) cannot keep task ids"):
-        _convert(EncDecTaskIdFeatureConverter(pack=True), _examples(with_task_id=True))
-    # Without task ids, packing works as in seqio (two examples share one row).
-    packed = next(
-        EncDecTaskIdFeatureConverter(pack=True)(_examples(False), {"inputs": 8, "targets": 8})
-        .batch(1)
-        .as_numpy_iterator()
-    )
-    assert "task_ids" not in packed
-    np.testing.assert_array_equal(packed["encoder_segment_ids"], [[1, 1, 1, 2, 2, 0, 0, 0]])
-    np.testing.assert_array_equal(packed["encoder_input_tokens"], [[7, 8, 1, 9, 1, 0, 0, 0]])
+    """Packed rows keep seqio's packing and give every position its example's task id
+    (tasks 3 and 0 share a row; 0 on padding; a task without ids gets the default)."""
+
+    def packed(converter, ds):
+        rows = converter(ds, {"inputs": 8, "targets": 8}).batch(1).as_numpy_iterator()
+        return next(rows)
+
+    reference = packed(seqio.EncDecFeatureConverter(pack=True), _examples(False))
+    batch = packed(EncDecTaskIdFeatureConverter(pack=True), _examples(with_task_id=True))
+    assert "task_ids" not in batch
+    assert set(batch) == set(reference) | {"encoder_task_ids", "decoder_task_ids"}
+    for key, value in reference.items():
+        np.testing.assert_array_equal(batch[key], value)
+    np.testing.assert_array_equal(batch["encoder_segment_ids"], [[1, 1, 1, 2, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["encoder_task_ids"], [[3, 3, 3, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["decoder_task_ids"], [[3, 3, 0, 0, 0, 0, 0, 0]])
+    default = packed(EncDecTaskIdFeatureConverter(pack=True, default_task_id=2), _examples(False))
+    np.testing.assert_array_equal(default["encoder_task_ids"], [[2, 2, 2, 2, 2, 0, 0, 0]])
 
 
 def test_converter_checks_task_id_range():
