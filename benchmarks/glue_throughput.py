@@ -196,39 +196,10 @@ def worker_ours(args: argparse.Namespace) -> dict:
 
 def worker_hf(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-    from transformers.optimization import Adafactor
 
-    torch.set_num_threads(args.torch_threads)
-    torch.manual_seed(0)
-    shape = throughput.SHAPES[args.size]
-    config = T5Config(
-        **shape,
-        num_decoder_layers=shape["num_layers"],
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+    model, optimizer = throughput.hf_model_and_optimizer(
+        args.size, args.method == "prompt_tuning", args.torch_threads
     )
-    model = T5ForConditionalGeneration(config)
-    if args.method == "prompt_tuning":
-        from peft import PromptTuningConfig, TaskType, get_peft_model
-
-        model = get_peft_model(
-            model,
-            PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=PROMPT_LENGTH),
-        )
-        opt_args = dict(lr=0.3, scale_parameter=False, weight_decay=1e-5)
-    else:
-        opt_args = dict(lr=1e-3, scale_parameter=True, weight_decay=0.0)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = Adafactor(
-        params, relative_step=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0,
-        **opt_args,
-    )  # fmt: skip
     inputs, targets, _, _, _ = make_examples(args, args.targets_length)
     batches, useful = [], 0
     for start in range(0, len(inputs), args.batch_size):

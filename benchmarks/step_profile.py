@@ -144,41 +144,10 @@ def worker_ours(args: argparse.Namespace) -> dict:
 def worker_hf(args: argparse.Namespace) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import T5Config, T5ForConditionalGeneration
-    from transformers.optimization import Adafactor
 
-    torch.set_num_threads(args.torch_threads)
-    torch.manual_seed(0)
-    shape = throughput.SHAPES[args.size]
-    config = T5Config(
-        **shape,
-        num_decoder_layers=shape["num_layers"],
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+    model, optimizer = throughput.hf_model_and_optimizer(
+        args.size, args.method == "prompt", args.torch_threads
     )
-    model = T5ForConditionalGeneration(config)
-    if args.method == "prompt":
-        from peft import PromptTuningConfig, TaskType, get_peft_model
-
-        model = get_peft_model(
-            model,
-            PromptTuningConfig(
-                task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=throughput.PROMPT_LENGTH
-            ),
-        )
-        opt_args = dict(lr=0.3, scale_parameter=False, weight_decay=1e-5)
-    else:
-        opt_args = dict(lr=1e-3, scale_parameter=True, weight_decay=0.0)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = Adafactor(
-        params, relative_step=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0,
-        **opt_args,
-    )  # fmt: skip
     enc, dec_in, tgt = throughput._batch_numpy(
         args.batch_size, args.inputs_length, args.targets_length
     )

@@ -144,20 +144,24 @@ def worker_ours(args: argparse.Namespace) -> dict:
     )
 
 
-def worker_hf(args: argparse.Namespace) -> dict:
+def hf_model_and_optimizer(size: str, prompt: bool, torch_threads: int) -> tuple:
+    """The Hugging Face side of every training comparison: `(model, optimizer)`.
+
+    A randomly initialised `T5ForConditionalGeneration` of `SHAPES[size]` (T5.1.1:
+    gated GELU, untied output layer, no dropout), wrapped in a 100-token
+    `peft.PromptTuningConfig` when `prompt`; `transformers.optimization.Adafactor` with
+    t5x's settings (decay 0.8, clipping 1.0; model tuning: parameter scaling, lr 1e-3;
+    prompt tuning: lr 0.3, weight decay 1e-5), over the trainable parameters only.
+    """
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.optimization import Adafactor
 
-    if args.method == "prompt":
-        import peft  # noqa: F401 (loaded before the baseline, like our libraries)
-    baseline = common.rss_bytes()
-
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(torch_threads)
     torch.manual_seed(0)
     config = T5Config(
-        **SHAPES[args.size],
-        num_decoder_layers=SHAPES[args.size]["num_layers"],
+        **SHAPES[size],
+        num_decoder_layers=SHAPES[size]["num_layers"],
         feed_forward_proj="gated-gelu",
         dropout_rate=0.0,
         tie_word_embeddings=False,
@@ -168,7 +172,7 @@ def worker_hf(args: argparse.Namespace) -> dict:
         eos_token_id=1,
     )
     model = T5ForConditionalGeneration(config)
-    if args.method == "prompt":
+    if prompt:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
         model = get_peft_model(
@@ -187,6 +191,19 @@ def worker_hf(args: argparse.Namespace) -> dict:
         decay_rate=-0.8,
         clip_threshold=1.0,
         **optimizer_args,
+    )
+    return model, optimizer
+
+
+def worker_hf(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.method == "prompt":
+        import peft  # noqa: F401 (loaded before the baseline, like our libraries)
+    baseline = common.rss_bytes()
+
+    model, optimizer = hf_model_and_optimizer(
+        args.size, args.method == "prompt", args.torch_threads
     )
     enc, dec_in, tgt = _batch_numpy(args.batch_size, args.inputs_length, args.targets_length)
     input_ids = torch.from_numpy(enc).long()
@@ -222,7 +239,7 @@ def worker_hf(args: argparse.Namespace) -> dict:
         cpu=cpu,
         first=first,
         losses=losses,
-        trainable=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         baseline=baseline,
         peak=max(first_peak, common.peak_rss_bytes()),
         steps_peak=common.peak_rss_bytes(),
