@@ -70,6 +70,14 @@ def _until_eos(row, eos: int = 1) -> tuple[int, ...]:
     return tuple(row[: row.index(eos) + 1] if eos in row else row)
 
 
+def _result(seconds: float, warm: float, seqs: list) -> dict:
+    """A worker's record of one decoding mode: the timed pass, the first pass, the
+    generated tokens (up to and including EOS) and the sequences, in input order."""
+    return dict(
+        seconds=seconds, warm=warm, tokens=sum(len(s) for s in seqs), seqs=[list(s) for s in seqs]
+    )
+
+
 def worker_ours(args: argparse.Namespace, hf_dir: str) -> dict:
     import jax
     import numpy as np
@@ -144,13 +152,7 @@ def worker_ours(args: argparse.Namespace, hf_dir: str) -> dict:
         start = time.perf_counter()
         decoded = run_all()
         seconds = time.perf_counter() - start
-        seqs = [_until_eos(r) for r in decoded]
-        out[mode] = dict(
-            seconds=seconds,
-            warm=warm,
-            tokens=sum(len(s) for s in seqs),
-            seqs=[list(s) for s in seqs],
-        )
+        out[mode] = _result(seconds, warm, [_until_eos(r) for r in decoded])
     return out
 
 
@@ -192,12 +194,7 @@ def worker_hf(args: argparse.Namespace, hf_dir: str) -> dict:
         seqs = [None] * len(inputs)
         for position, row in zip(order, decoded, strict=True):
             seqs[position] = _until_eos(row)
-        out[mode] = dict(
-            seconds=seconds,
-            warm=warm,
-            tokens=sum(len(s) for s in seqs),
-            seqs=[list(s) for s in seqs],
-        )
+        out[mode] = _result(seconds, warm, seqs)
     return out
 
 

@@ -61,7 +61,6 @@ def worker_ours(args: argparse.Namespace) -> dict:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_enable_xprof_traceme=true".strip()
     import jax
-    import numpy as np
 
     method = "model_tuning" if args.method == "full" else "prompt_tuning"
     bindings = ["DROPOUT_RATE=0.0", f"ACTIVATION_DTYPE='{args.dtype}'", *args.gin]
@@ -71,18 +70,9 @@ def worker_ours(args: argparse.Namespace) -> dict:
     trainer = common.build_trainer(
         f"models/t5_1_1_{args.size}.gin", method, args.batch_size, lengths, bindings=bindings
     )
-    enc, dec_in, tgt = throughput._batch_numpy(
-        args.batch_size, args.inputs_length, args.targets_length
+    batch = throughput.device_batch(
+        trainer, args.batch_size, args.inputs_length, args.targets_length
     )
-    batch = {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones_like(tgt),
-        "task_ids": np.zeros((args.batch_size,), np.int32),
-    }
-    batch = {k: v for k, v in batch.items() if k in trainer.input_shapes}
-    batch = jax.device_put(batch, trainer.batch_shardings(trainer.input_shapes))
     state = trainer.init_state()
     partitioned = trainer._jitted_train_step()
     with trainer.partitioner.context():

@@ -81,6 +81,23 @@ def _batch_numpy(batch_size: int, inputs: int, targets: int, seed: int = 0):
     return enc, dec_in, tgt
 
 
+def device_batch(trainer, batch_size: int, inputs_length: int, targets_length: int) -> dict:
+    """`_batch_numpy`'s batch as the model features `trainer` takes, on its devices."""
+    import jax
+    import numpy as np
+
+    enc, dec_in, tgt = _batch_numpy(batch_size, inputs_length, targets_length)
+    batch = {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": np.ones_like(tgt),
+        "task_ids": np.zeros((batch_size,), np.int32),
+    }
+    batch = {k: v for k, v in batch.items() if k in trainer.input_shapes}
+    return jax.device_put(batch, trainer.batch_shardings(trainer.input_shapes))
+
+
 machine_busy = common.machine_busy
 wait_until_quiet = common.wait_until_quiet
 
@@ -92,7 +109,6 @@ wait_until_quiet = common.wait_until_quiet
 
 def worker_ours(args: argparse.Namespace) -> dict:
     import jax
-    import numpy as np
 
     method = "model_tuning" if args.method == "full" else "prompt_tuning"
     bindings = ["DROPOUT_RATE=0.0", *VARIANTS[args.variant]]
@@ -105,16 +121,7 @@ def worker_ours(args: argparse.Namespace) -> dict:
     # Libraries loaded (including TensorFlow, which seqio brings in with the model gin's
     # vocabulary), nothing allocated yet.
     baseline = common.rss_bytes()
-    enc, dec_in, tgt = _batch_numpy(args.batch_size, args.inputs_length, args.targets_length)
-    batch = {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones_like(tgt),
-        "task_ids": np.zeros((args.batch_size,), np.int32),
-    }
-    batch = {k: v for k, v in batch.items() if k in trainer.input_shapes}
-    batch = jax.device_put(batch, trainer.batch_shardings(trainer.input_shapes))
+    batch = device_batch(trainer, args.batch_size, args.inputs_length, args.targets_length)
     state = trainer.init_state()
     start = time.perf_counter()
     state, metrics = trainer.train_step(state, batch)

@@ -30,13 +30,12 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from hyperprompt_jax import packing
 from hyperprompt_jax.errors import UserError
 
 logger = logging.getLogger("hyperprompt_jax")
 
 TASK_IDS_FEATURE = "task_ids"
-# `task_ids [batch]`, or one per position of packed rows (`packing`).
-TASK_ID_FEATURES = (TASK_IDS_FEATURE, "encoder_task_ids", "decoder_task_ids")
 
 
 # -------------------------------------------------------------------------------------
@@ -383,7 +382,7 @@ def put_on_mesh(
     Raises:
       UserError: a task id out of range.
     """
-    for name in TASK_ID_FEATURES:
+    for name in packing.TASK_ID_FEATURES:
         if name in batch:
             check_task_ids(batch[name], num_tasks)
     out = {}

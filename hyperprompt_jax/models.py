@@ -48,8 +48,6 @@ _OPTIONAL_INPUTS = (
     "encoder_positions",
     "decoder_positions",
 )
-# Task ids: `[batch]` for unpacked rows, one per position for packed rows (`packing`).
-_TASK_ID_INPUTS = ("task_ids", packing.ENCODER_TASK_IDS, packing.DECODER_TASK_IDS)
 
 
 def _require(batch: Batch, keys: tuple[str, ...], method: str) -> None:
@@ -85,8 +83,8 @@ def compute_base_metrics(
     Returns:
       `loss`, `z_loss`, `cross_ent_loss` (= loss - z_loss), `accuracy` (weighted
       fraction of argmax hits), `weight_sum`, `num_examples` (rows with a real target
-      token; packed rows: their examples), `num_tokens` (non-padding targets), `loss_per_nonpadding_target_token`
-      and `loss_per_all_target_tokens`.
+      token; packed rows: their examples), `num_tokens` (non-padding targets),
+      `loss_per_nonpadding_target_token` and `loss_per_all_target_tokens`.
     """
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
@@ -183,7 +181,7 @@ class EncoderDecoderModel:
     def input_prompt_length(self) -> int:
         """Prompt positions the input hook puts in front of every example (0: none):
         the prompt slots packed rows reserve (`packing`)."""
-        return int(getattr(getattr(self.module, "prompt", None), "length", 0) or 0)
+        return packing.input_prompt_length(self.module)
 
     @property
     def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
@@ -228,7 +226,7 @@ class EncoderDecoderModel:
         decoder_tokens = ones("decoder_input_tokens")
         task_ids = {
             name: jnp.zeros(input_shapes[name], input_types.get(name, jnp.int32))
-            for name in _TASK_ID_INPUTS
+            for name in packing.TASK_ID_FEATURES
             if name in input_shapes
         }
         encoder_tokens = ones("encoder_input_tokens")
@@ -270,7 +268,7 @@ class EncoderDecoderModel:
             batch["decoder_input_tokens"],
             batch["decoder_target_tokens"],
             **{name: batch.get(name) for name in _OPTIONAL_INPUTS},
-            **{name: batch[name] for name in _TASK_ID_INPUTS if name in batch},
+            **{name: batch[name] for name in packing.TASK_ID_FEATURES if name in batch},
             decode=False,
             enable_dropout=rngs is not None,
             rngs=rngs,

@@ -47,6 +47,14 @@ PROMPT_SLOT_ID = 2
 # Model features of packed rows (next to seqio's segment ids and positions).
 ENCODER_TASK_IDS = "encoder_task_ids"
 DECODER_TASK_IDS = "decoder_task_ids"
+# Every task-id model feature: `task_ids [batch]` unpacked, one per position packed.
+TASK_ID_FEATURES = ("task_ids", ENCODER_TASK_IDS, DECODER_TASK_IDS)
+
+
+def input_prompt_length(module: object) -> int:
+    """Prompt positions a network's input hook puts in front of every example (0: no
+    hook): the prompt slots a packed example needs."""
+    return int(getattr(getattr(module, "prompt", None), "length", 0) or 0)
 
 
 class Segments(NamedTuple):

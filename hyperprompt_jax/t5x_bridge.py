@@ -77,13 +77,6 @@ def _rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _input_prompt_length(module: Any) -> int:
-    """Prompt positions the network's input hook puts in front of every example (0:
-    none): the prompt slots a packed example needs (as `models.EncoderDecoderModel.
-    input_prompt_length`)."""
-    return int(getattr(getattr(module, "prompt", None), "length", 0) or 0)
-
-
 def converter_with_prompt_slots(
     converter_cls: Callable[..., Any], prompt_length: int
 ) -> Callable[..., Any]:
@@ -108,9 +101,6 @@ def _init_task_ids(input_shapes: Mapping[str, Sequence[int]]) -> dict[str, Array
             packing.DECODER_TASK_IDS: jnp.zeros(input_shapes["decoder_input_tokens"], jnp.int32),
         }
     return {"task_ids": jnp.zeros((input_shapes["encoder_input_tokens"][0],), jnp.int32)}
-
-
-_TASK_ID_SHAPES = ("task_ids", packing.ENCODER_TASK_IDS, packing.DECODER_TASK_IDS)
 
 
 class _TaskIdModule:
@@ -170,7 +160,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     @property
     def FEATURE_CONVERTER_CLS(self) -> Callable[..., Any]:  # noqa: N802 (t5x's name)
         return converter_with_prompt_slots(
-            self._feature_converter_cls, _input_prompt_length(self.module)
+            self._feature_converter_cls, packing.input_prompt_length(self.module)
         )
 
     @FEATURE_CONVERTER_CLS.setter
@@ -181,7 +171,7 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     @property
     def input_prompt_length(self) -> int:
         """The network's input prompt length (prompt slots per packed example)."""
-        return _input_prompt_length(self.module)
+        return packing.input_prompt_length(self.module)
 
     def _bound(self, task_ids: Mapping[str, Array]) -> EncoderDecoderModel:
         if not task_ids:
@@ -195,13 +185,13 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
         # Initialisation needs task ids for a task-conditioned method, and their values
         # do not matter; callers do not always pass their shapes (t5x's evaluator
         # leaves out per-example scalars), so use zeros of the right layout either way.
-        shapes = {k: v for k, v in input_shapes.items() if k not in _TASK_ID_SHAPES}
+        shapes = {k: v for k, v in input_shapes.items() if k not in packing.TASK_ID_FEATURES}
         return super(
             EncoderDecoderModel, self._bound(_init_task_ids(shapes))
         ).get_initial_variables(rng, shapes, input_types)
 
     def _compute_logits(self, params, batch, dropout_rng=None, mutable=False, other_variables=None):
-        task_ids = {name: batch[name] for name in _TASK_ID_SHAPES if name in batch}
+        task_ids = {name: batch[name] for name in packing.TASK_ID_FEATURES if name in batch}
         return super(EncoderDecoderModel, self._bound(task_ids))._compute_logits(
             params, batch, dropout_rng, mutable=mutable, other_variables=other_variables
         )
@@ -403,7 +393,7 @@ class ProjectModelAdapter(t5x_models.BaseModel):
 
     def get_initial_variables(self, rng, input_shapes, input_types=None):
         # Task ids for init, as EncoderDecoderModel above (per position when packed).
-        shapes = {k: v for k, v in input_shapes.items() if k not in _TASK_ID_SHAPES}
+        shapes = {k: v for k, v in input_shapes.items() if k not in packing.TASK_ID_FEATURES}
         shapes.update({k: v.shape for k, v in _init_task_ids(shapes).items()})
         return self.model.get_initial_variables(rng, shapes, input_types)
 
