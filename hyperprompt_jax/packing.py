@@ -27,7 +27,8 @@ So a packed batch gives every example the loss and gradients it has unpacked, me
 method (`tests/test_packing.py`). Decoding never packs.
 
 Shapes: B rows, L row length, E emb_dim, N = B * L (an upper bound on the examples of
-a batch: every example has at least one position).
+a batch: every example has at least one position; row `b * L + id - 1` holds example
+`id` of row `b`).
 """
 
 from __future__ import annotations
@@ -72,37 +73,37 @@ class Segments(NamedTuple):
         """`[B, L]` bool: the first `prompt_length` positions of every example."""
         return (self.ids > 0) & (self.positions < prompt_length)
 
-    def index(self) -> Array:
-        """`[B, L]` int32: each position's example as a row of `[N, ...]` per-example
-        arrays (`b * L + id - 1`); padding gets N, out of bounds (dropped or filled)."""
-        batch, length = self.ids.shape
-        rows = jnp.arange(batch, dtype=jnp.int32)[:, None] * length
-        return jnp.where(self.ids > 0, rows + self.ids.astype(jnp.int32) - 1, batch * length)
-
-    @property
-    def num_slots(self) -> int:
-        """N = B * L, the static number of per-example rows."""
-        return self.ids.shape[0] * self.ids.shape[1]
-
     def example_mean(self, values_BLE: Array, mask_BL: Array) -> tuple[Array, Array]:
         """Per-example mean of `values` over the positions where `mask` holds.
 
+        Each row is reduced on its own (`segment_sum` under `vmap`), so the work and
+        its result stay split along the batch like the rows (no array of the whole
+        batch's examples on every device).
+
         Returns:
-          means `[N, E]` float32 (0 for an example with no such position) and the
-          number of real positions of each example `[N]` (0 for rows that hold no
-          example: use `count > 0` as the example mask).
+          means `[N, E]` float32, row `b * L + id - 1` for example `id` of row `b` (0
+          for an example with no such position), and the number of positions of each
+          example `[N]` (0 for rows that hold no example: use `count > 0` as the
+          example mask).
         """
-        index = self.index().reshape(-1)
-        weights = mask_BL.astype(jnp.float32).reshape(-1, 1)
-        flat = values_BLE.astype(jnp.float32).reshape(-1, values_BLE.shape[-1])
-        totals = jax.ops.segment_sum(flat * weights, index, self.num_slots, mode="drop")
-        counts = jax.ops.segment_sum(weights[:, 0], index, self.num_slots, mode="drop")
-        examples = jax.ops.segment_sum(
-            jnp.ones_like(weights[:, 0]), index, self.num_slots, mode="drop"
+        batch, length = self.ids.shape
+
+        def per_row(values_LE, weights_L, ids_L):
+            index = jnp.where(ids_L > 0, ids_L - 1, length)  # padding: dropped
+            total = jax.ops.segment_sum(values_LE * weights_L[:, None], index, length, mode="drop")
+            count = jax.ops.segment_sum(weights_L, index, length, mode="drop")
+            size = jax.ops.segment_sum(jnp.ones_like(weights_L), index, length, mode="drop")
+            return total / jnp.maximum(count, 1.0)[:, None], size
+
+        means, sizes = jax.vmap(per_row)(
+            values_BLE.astype(jnp.float32), mask_BL.astype(jnp.float32), self.ids
         )
-        return totals / jnp.maximum(counts, 1.0)[:, None], examples
+        return means.reshape(batch * length, -1), sizes.reshape(batch * length)
 
     def per_position(self, values_N: Array) -> Array:
-        """`[N, ...]` per-example values -> `[B, L, ...]` (padding: the last example's)."""
-        index = jnp.minimum(self.index(), self.num_slots - 1)
-        return jnp.take(values_N, index, axis=0)
+        """`[N, ...]` per-example values (rows as `example_mean`'s) -> `[B, L, ...]`,
+        each position its example's (padding: its row's first example's)."""
+        batch, length = self.ids.shape
+        rows = values_N.reshape((batch, length) + values_N.shape[1:])
+        index = jnp.clip(self.ids - 1, 0, length - 1)
+        return jax.vmap(lambda row, i: jnp.take(row, i, axis=0))(rows, index)
